@@ -14,6 +14,7 @@ host build each image once.
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import fcntl
 import hashlib
@@ -21,6 +22,7 @@ import io
 import os
 import re
 import shutil
+import ssl
 import subprocess
 import tarfile
 import tempfile
@@ -180,7 +182,7 @@ def build_runner_image(
     if os.geteuid() != 0:
         raise ImageBuildError(
             "building the runner image needs root (debootstrap creates device nodes and "
-            "chowns files): run `sudo ferry images build-runner`, or build "
+            "chowns files): run `sudo python -m worker.images`, or build "
             "deploy/runner/Dockerfile where a registry is reachable"
         )
     if shutil.which("debootstrap") is None:
@@ -392,6 +394,12 @@ def _unmount_below(directory: Path) -> None:
 _NAME = re.compile(r"^([A-Za-z0-9](?:[A-Za-z0-9._-]*[A-Za-z0-9])?)\s*(\[[A-Za-z0-9._,\s-]*\])?")
 _VERSION_SPEC = re.compile(r"^[\sA-Za-z0-9<>=!~*.,+]*$")
 _ARCHIVE_SUFFIXES = (".whl", ".tar.gz", ".tgz", ".tar.bz2", ".zip")
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+# The builder's own lines; what remains of a failed build's output is pip's.
+_NEW_LAYER = re.compile(r"^ ---> ([0-9a-f]{12})$")
+_BUILDER_CHATTER = re.compile(
+    r"^(Step \d+/\d+ :| ---> |Removing intermediate container|Successfully (built|tagged))"
+)
 
 
 def normalise_requirements(requirements: Iterable[str]) -> list[str]:
@@ -448,12 +456,15 @@ def ensure_revision_image(
     on_progress: Progress | None = None,
     *,
     network_mode: str | None = None,
+    ca_bundle: Path | None = None,
     lock_dir: Path | None = None,
 ) -> str:
     """The tag of `base_image` with `requirements` pip-installed, built once per content.
 
     Empty requirements return `base_image` itself. `network_mode` is the build's network
-    (`"host"` where the default bridge cannot reach the package index).
+    (`"host"` where the default bridge cannot reach the package index). pip in the build
+    trusts `ca_bundle`, by default this host's CA bundle, so a TLS-intercepting proxy the
+    host trusts works in builds too; the bundle is not part of the cache key.
     """
     lines = normalise_requirements(requirements)
     if not lines:
@@ -470,12 +481,18 @@ def ensure_revision_image(
         return tag
     with host_lock(tag, lock_dir):
         if not _image_exists(client, tag):
-            _build_revision_image(client, base_id, lines, tag, on_progress, network_mode)
+            bundle = ca_bundle or _host_ca_bundle()
+            _build_revision_image(client, base_id, lines, tag, on_progress, network_mode, bundle)
     return tag
 
 
 def _image_exists(client: docker.DockerClient, tag: str) -> bool:
     return runner_image_exists(client, tag)
+
+
+def _host_ca_bundle() -> Path | None:
+    cafile = ssl.get_default_verify_paths().cafile
+    return Path(cafile) if cafile and Path(cafile).is_file() else None
 
 
 def _build_revision_image(
@@ -485,24 +502,30 @@ def _build_revision_image(
     tag: str,
     on_progress: Progress | None,
     network_mode: str | None,
+    ca_bundle: Path | None,
 ) -> None:
     progress = on_progress or _ignore
-    dockerfile = "\n".join(
+    files = {"requirements.txt": ("\n".join(lines) + "\n").encode()}
+    cert = ""
+    if ca_bundle is not None:
+        files["ca-bundle.crt"] = ca_bundle.read_bytes()
+        cert = " --cert /tmp/ferry-build/ca-bundle.crt"
+    files["Dockerfile"] = "\n".join(
         [
             f"FROM {base_id}",
             "USER root",
-            "COPY requirements.txt /tmp/requirements.txt",
+            f"COPY {' '.join(sorted(files))} /tmp/ferry-build/",
             "RUN python3 -m pip install --no-cache-dir --break-system-packages"
             " --root-user-action=ignore --disable-pip-version-check --progress-bar off"
-            " -r /tmp/requirements.txt && rm /tmp/requirements.txt",
+            f" --no-warn-script-location{cert} -r /tmp/ferry-build/requirements.txt"
+            " && rm -rf /tmp/ferry-build",
             "USER 1000:1000",
             "",
         ]
-    )
+    ).encode()
     context = io.BytesIO()
     with tarfile.open(fileobj=context, mode="w") as tar:
-        for name, text in (("Dockerfile", dockerfile), ("requirements.txt", "\n".join(lines))):
-            data = text.encode()
+        for name, data in files.items():
             info = tarfile.TarInfo(name)
             info.size = len(data)
             tar.addfile(info, io.BytesIO(data))
@@ -511,6 +534,8 @@ def _build_revision_image(
     started = time.monotonic()
     progress(f"building {tag} with {len(lines)} requirement(s) on {base_id[:19]}")
     tail: deque[str] = deque(maxlen=30)
+    layers: list[str] = []  # made by this build, not taken from the cache
+    previous = ""
     try:
         for event in client.api.build(
             fileobj=context,
@@ -524,13 +549,61 @@ def _build_revision_image(
             labels={"ferry.revision": "1", "ferry.revision.base": base_id},
             timeout=600,  # per read: pip may download a large wheel silently
         ):
-            for line in str(event.get("stream", "")).splitlines():
-                if line.strip():
+            for line in _ANSI.sub("", str(event.get("stream", ""))).splitlines():
+                if not line.strip():
+                    continue
+                progress(f"build: {line.rstrip()}")
+                layer = _NEW_LAYER.match(line)
+                if layer and "Using cache" not in previous and "FROM " not in previous:
+                    layers.append(layer.group(1))
+                elif not _BUILDER_CHATTER.match(line):
                     tail.append(line.rstrip())
-                    progress(f"build: {line.rstrip()}")
+                previous = line
             if "error" in event:
-                tail.append(str(event["error"]).rstrip())
+                tail.append(_ANSI.sub("", str(event["error"])).rstrip())
                 raise ImageBuildError(f"building {tag} failed", tail)
     except docker.errors.APIError as exc:
+        _remove_layers(client, layers, base_id)
         raise ImageBuildError(f"building {tag} failed: {exc}", tail) from exc
+    except ImageBuildError:
+        _remove_layers(client, layers, base_id)
+        raise
     progress(f"built {tag} in {time.monotonic() - started:.0f}s")
+
+
+def _remove_layers(client: docker.DockerClient, layers: list[str], base_id: str) -> None:
+    """Drop the untagged layers a failed build left, so failures do not pile up images."""
+    for layer in reversed(layers):
+        if base_id.removeprefix("sha256:").startswith(layer):
+            continue
+        with contextlib.suppress(docker.errors.APIError):
+            if not client.images.get(layer).tags:
+                client.images.remove(layer, noprune=False)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """`python -m worker.images`: build the runner image offline (replacing an existing tag)."""
+    parser = argparse.ArgumentParser(prog="python -m worker.images", description=main.__doc__)
+    parser.add_argument("--tag", default=RUNNER_TAG)
+    parser.add_argument("--mirror", help="Debian mirror (default: this machine's apt sources)")
+    parser.add_argument("--suite", default=DEBIAN_SUITE)
+    parser.add_argument(
+        "--if-missing", action="store_true", help="do nothing when the engine has --tag"
+    )
+    args = parser.parse_args(argv)
+    client = docker.from_env()
+    try:
+        if args.if_missing:
+            image_id = ensure_runner_image(client, args.tag, print, mirror=args.mirror)
+        else:
+            with host_lock(args.tag):
+                image_id = build_runner_image(
+                    args.tag, args.mirror, print, client=client, suite=args.suite
+                )
+    except ImageBuildError as exc:
+        raise SystemExit(f"error: {exc}") from None
+    print(image_id)
+
+
+if __name__ == "__main__":
+    main()
