@@ -1,0 +1,86 @@
+"""Redis queues: one arq queue per service, the arq job id is the execution id.
+
+Enqueue is idempotent (a job id already queued is left alone), so the API, the reconciler
+and a retrying client may all enqueue the same execution without running it twice.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable
+
+from arq.connections import ArqRedis, RedisSettings, create_pool
+from arq.constants import in_progress_key_prefix, job_key_prefix, result_key_prefix
+from arq.jobs import serialize_job
+
+RUN_EXECUTION = "run_execution"  # the arq function name workers register
+QUEUE_PREFIX = "ferry:queue:"
+# arq drops a job whose key expired before it ran; the reconciler re-enqueues it from
+# PostgreSQL, so this only bounds how long Redis holds a job nobody consumes.
+JOB_EXPIRY_MS = 7 * 24 * 3600 * 1000
+
+# Enqueue many jobs in one round trip, each only if its id is not queued or running already
+# (arq's own enqueue_job does one WATCH/MULTI round trip per job).
+_ENQUEUE_SCRIPT = """
+local queue = KEYS[1]
+local score = ARGV[1]
+local added = 0
+for i = 2, #ARGV, 3 do
+  local id = ARGV[i]
+  if redis.call('EXISTS', ARGV[i + 1] .. id) == 0 and redis.call('EXISTS', '%s' .. id) == 0 then
+    redis.call('PSETEX', ARGV[i + 1] .. id, %d, ARGV[i + 2])
+    redis.call('ZADD', queue, score, id)
+    added = added + 1
+  end
+end
+return added
+""" % (result_key_prefix, JOB_EXPIRY_MS)
+
+
+def queue_name(service_id: str) -> str:
+    return QUEUE_PREFIX + service_id
+
+
+def redis_settings(url: str) -> RedisSettings:
+    settings = RedisSettings.from_dsn(url)
+    settings.conn_timeout = 5
+    settings.conn_retries = 3
+    return settings
+
+
+async def connect_redis(url: str) -> ArqRedis:
+    return await create_pool(redis_settings(url))
+
+
+async def enqueue_executions(redis: ArqRedis, service_id: str, execution_ids: Iterable[str]) -> int:
+    """Queue executions of one service; returns how many were newly queued."""
+    now_ms = int(time.time() * 1000)
+    argv: list[str | bytes | int] = [now_ms]
+    for execution_id in execution_ids:
+        payload = serialize_job(RUN_EXECUTION, (execution_id,), {}, None, now_ms)
+        argv += [execution_id, job_key_prefix, payload]
+    if len(argv) == 1:
+        return 0
+    return await redis.eval(_ENQUEUE_SCRIPT, 1, queue_name(service_id), *argv)
+
+
+async def enqueue_execution(redis: ArqRedis, service_id: str, execution_id: str) -> bool:
+    return await enqueue_executions(redis, service_id, [execution_id]) == 1
+
+
+async def forget_job(redis: ArqRedis, service_id: str, execution_id: str) -> None:
+    """Drop every trace of a job so it can be queued afresh (used when a lease expired)."""
+    async with redis.pipeline(transaction=True) as pipe:
+        pipe.delete(job_key_prefix + execution_id)
+        pipe.delete(in_progress_key_prefix + execution_id)
+        pipe.delete(result_key_prefix + execution_id)
+        pipe.zrem(queue_name(service_id), execution_id)
+        await pipe.execute()
+
+
+async def is_queued(redis: ArqRedis, execution_id: str) -> bool:
+    return bool(await redis.exists(job_key_prefix + execution_id))
+
+
+async def queue_length(redis: ArqRedis, service_id: str) -> int:
+    return await redis.zcard(queue_name(service_id))

@@ -1,0 +1,245 @@
+"""The execution state machine: statuses, reasons, and every transition as one conditional
+UPDATE, so status can never move backwards whoever races whom.
+
+    created ──▶ in-progress ──▶ success | failed | terminated
+       └──────────────────────────────────────────▶ terminated
+
+An in-progress execution whose worker vanished is *handed back*: it stays in-progress with
+no lease (`lease_until IS NULL`) until a worker claims it again with attempt + 1.
+"""
+
+from __future__ import annotations
+
+import json
+from enum import StrEnum
+from typing import Any
+
+import asyncpg
+
+from core.models import status_entry
+
+NOTIFY_CHANNEL = "ferry_execution_finished"
+
+
+class ExecutionStatus(StrEnum):
+    created = "created"
+    in_progress = "in-progress"
+    success = "success"
+    failed = "failed"
+    terminated = "terminated"
+
+
+class Reason(StrEnum):
+    exception = "exception"
+    timeout = "timeout"
+    oom = "oom"
+    crashed = "crashed"
+    lost = "lost"
+    max_attempts = "max-attempts"
+    system = "system"
+
+
+TERMINAL = frozenset({ExecutionStatus.success, ExecutionStatus.failed, ExecutionStatus.terminated})
+LIVE = frozenset({ExecutionStatus.created, ExecutionStatus.in_progress})
+
+
+def _log(status: str, message: str | None = None, **extra: Any) -> str:
+    # Appended with `status_log || $n::jsonb`: a one-element JSON array.
+    return json.dumps([status_entry(status, message, **extra)])
+
+
+async def claim(
+    conn: asyncpg.Connection, execution_id: str, *, worker_id: str, replica_id: str, lease_s: float
+) -> asyncpg.Record | None:
+    """created (or handed back) → in-progress with attempt + 1 and a lease; None if not ours."""
+    async with conn.transaction():
+        row = await conn.fetchrow(
+            """UPDATE executions SET status = 'in-progress', attempt = attempt + 1,
+                   lease_until = clock_timestamp() + make_interval(secs => $4),
+                   worker_id = $2, replica_id = $3,
+                   started_at = coalesce(started_at, clock_timestamp()),
+                   updated_at = clock_timestamp(),
+                   status_log = status_log || jsonb_build_array(jsonb_build_object(
+                       'status', 'in-progress', 'at', to_char(clock_timestamp() AT TIME ZONE 'UTC',
+                       'YYYY-MM-DD"T"HH24:MI:SS.MS"Z"'), 'message', 'attempt ' || (attempt + 1),
+                       'attempt', attempt + 1))
+               WHERE id = $1 AND attempt < max_attempts AND NOT terminate_requested
+                 AND (status = 'created' OR (status = 'in-progress' AND lease_until IS NULL))
+               RETURNING *""",
+            execution_id,
+            worker_id,
+            replica_id,
+            lease_s,
+        )
+        if row is not None:
+            await conn.execute(
+                """INSERT INTO execution_attempts (execution_id, attempt, worker_id, replica_id, status)
+                   VALUES ($1, $2, $3, $4, 'in-progress')
+                   ON CONFLICT (execution_id, attempt) DO NOTHING""",
+                execution_id,
+                row["attempt"],
+                worker_id,
+                replica_id,
+            )
+    return row
+
+
+async def renew_leases(
+    conn: asyncpg.Connection | asyncpg.Pool, worker_id: str, execution_ids: list[str], lease_s: float
+) -> list[str]:
+    """Extend this worker's leases; returns the ids it still holds (others were taken back)."""
+    if not execution_ids:
+        return []
+    rows = await conn.fetch(
+        """UPDATE executions SET lease_until = clock_timestamp() + make_interval(secs => $3)
+           WHERE id = ANY($2::text[]) AND worker_id = $1 AND status = 'in-progress'
+             AND lease_until IS NOT NULL
+           RETURNING id""",
+        worker_id,
+        execution_ids,
+        lease_s,
+    )
+    return [r["id"] for r in rows]
+
+
+async def finish(
+    conn: asyncpg.Connection,
+    execution_id: str,
+    attempt: int,
+    status: ExecutionStatus,
+    *,
+    reason: Reason | None = None,
+    output: Any = None,
+    error: dict[str, Any] | None = None,
+    message: str | None = None,
+) -> asyncpg.Record | None:
+    """in-progress (this attempt) → terminal. None when someone else moved it on first."""
+    assert status in TERMINAL
+    async with conn.transaction():
+        row = await conn.fetchrow(
+            """UPDATE executions SET status = $3, reason = $4, output = $5, error = $6,
+                   lease_until = NULL, finished_at = clock_timestamp(),
+                   updated_at = clock_timestamp(),
+                   progress_percent = CASE WHEN $3 = 'success' THEN 100 ELSE progress_percent END,
+                   status_log = status_log || $7::jsonb
+               WHERE id = $1 AND attempt = $2 AND status = 'in-progress'
+               RETURNING *""",
+            execution_id,
+            attempt,
+            status.value,
+            reason.value if reason else None,
+            output,
+            error,
+            _log(status.value, message or (error or {}).get("message"), reason=reason and reason.value),
+        )
+        await _close_attempt(conn, execution_id, attempt, status.value, reason, error)
+        if row is not None:
+            await _notify_finished(conn, row)
+    return row
+
+
+async def hand_back(
+    conn: asyncpg.Connection,
+    execution_id: str,
+    attempt: int,
+    *,
+    reason: Reason,
+    error: dict[str, Any] | None,
+    retry: bool,
+) -> asyncpg.Record | None:
+    """An attempt that died with its replica: retry it (attempt + 1 on the next claim) or fail.
+
+    Retried while `retry` and attempts remain; otherwise failed with `reason`, or with
+    `max-attempts` when the attempts ran out.
+    """
+    async with conn.transaction():
+        row = await conn.fetchrow(
+            """UPDATE executions SET
+                   lease_until = NULL, worker_id = NULL, replica_id = NULL,
+                   updated_at = clock_timestamp(),
+                   status = CASE WHEN $3 AND attempt < max_attempts THEN 'in-progress' ELSE 'failed' END,
+                   reason = CASE WHEN $3 AND attempt < max_attempts THEN NULL
+                                 WHEN $3 THEN 'max-attempts' ELSE $4 END,
+                   error = CASE WHEN $3 AND attempt < max_attempts THEN NULL ELSE $5::jsonb END,
+                   finished_at = CASE WHEN $3 AND attempt < max_attempts THEN NULL
+                                      ELSE clock_timestamp() END,
+                   status_log = status_log || jsonb_build_array(jsonb_build_object(
+                       'status', CASE WHEN $3 AND attempt < max_attempts THEN 'in-progress'
+                                      ELSE 'failed' END,
+                       'at', to_char(clock_timestamp() AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.MS"Z"'),
+                       'message', CASE WHEN $3 AND attempt < max_attempts
+                                       THEN 'attempt ' || attempt || ' ' || $4 || ': retrying'
+                                       ELSE 'attempt ' || attempt || ' ' || $4 END,
+                       'reason', $4))
+               WHERE id = $1 AND attempt = $2 AND status = 'in-progress'
+               RETURNING *""",
+            execution_id,
+            attempt,
+            retry,
+            reason.value,
+            error,
+        )
+        await _close_attempt(conn, execution_id, attempt, "failed", reason, error)
+        if row is not None and row["status"] == ExecutionStatus.failed:
+            await _notify_finished(conn, row)
+    return row
+
+
+async def terminate_created(conn: asyncpg.Connection | asyncpg.Pool, execution_id: str):
+    """created → terminated, before any worker took it."""
+    return await conn.fetchrow(
+        """UPDATE executions SET status = 'terminated', finished_at = clock_timestamp(),
+               updated_at = clock_timestamp(), status_log = status_log || $2::jsonb
+           WHERE id = $1 AND status = 'created' RETURNING *""",
+        execution_id,
+        _log("terminated", "terminated before it started"),
+    )
+
+
+async def request_termination(conn: asyncpg.Connection | asyncpg.Pool, execution_id: str):
+    """Mark a live execution for termination; its worker kills it and records `terminated`.
+
+    A handed-back execution (no worker holds it) is terminated at once.
+    """
+    return await conn.fetchrow(
+        """UPDATE executions SET terminate_requested = true,
+               status = CASE WHEN lease_until IS NULL THEN 'terminated' ELSE status END,
+               finished_at = CASE WHEN lease_until IS NULL THEN clock_timestamp() END,
+               status_log = CASE WHEN lease_until IS NULL THEN status_log || $2::jsonb
+                                 ELSE status_log END
+           WHERE id = $1 AND status = 'in-progress' RETURNING *""",
+        execution_id,
+        _log("terminated", "terminated while waiting for a retry"),
+    )
+
+
+async def expired_leases(conn: asyncpg.Connection | asyncpg.Pool, limit: int = 500):
+    """In-progress executions whose worker stopped renewing its lease."""
+    return await conn.fetch(
+        """SELECT e.id, e.service_id, e.attempt, e.max_attempts, e.worker_id, s.on_reset
+           FROM executions e JOIN services s ON s.id = e.service_id
+           WHERE e.status = 'in-progress' AND e.lease_until < clock_timestamp()
+           ORDER BY e.lease_until LIMIT $1""",
+        limit,
+    )
+
+
+async def _close_attempt(
+    conn: asyncpg.Connection, execution_id: str, attempt: int, status: str,
+    reason: Reason | None, error: dict[str, Any] | None,
+) -> None:
+    await conn.execute(
+        """UPDATE execution_attempts SET status = $3, reason = $4, error = $5,
+               finished_at = clock_timestamp()
+           WHERE execution_id = $1 AND attempt = $2 AND finished_at IS NULL""",
+        execution_id,
+        attempt,
+        status,
+        reason.value if reason else None,
+        error,
+    )
+
+
+async def _notify_finished(conn: asyncpg.Connection, row: asyncpg.Record) -> None:
+    # Delivered at commit: `GET /executions/{id}/wait` answers without polling.
+    await conn.execute("SELECT pg_notify($1, $2)", NOTIFY_CHANNEL, row["id"])

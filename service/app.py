@@ -1,0 +1,45 @@
+"""The API application factory: `create_app(settings, db, redis)` and the process runner."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from importlib.metadata import version
+
+import asyncpg
+from aiohttp import web
+from arq.connections import ArqRedis
+
+from core.secrets import SecretBox
+from core.settings import Settings
+from service import waiters
+from service.http import endpoint, errors_middleware
+from service.keys import DB, PRINCIPAL_CACHE, REDIS, SECRETS, SETTINGS, WAITERS
+from service.openapi import add_openapi_routes
+from service.routes import ROUTES
+
+log = logging.getLogger("ferry.api")
+
+
+def create_app(settings: Settings, db: asyncpg.Pool, redis: ArqRedis, dsn: str) -> web.Application:
+    """Build the API; `db` and `redis` are owned by the caller, `dsn` opens the LISTEN link."""
+    app = web.Application(
+        middlewares=[errors_middleware],
+        client_max_size=(settings.max_upload_mb + 1) * 1024 * 1024,
+    )
+    app[SETTINGS] = settings
+    app[DB] = db
+    app[REDIS] = redis
+    app[SECRETS] = SecretBox.from_settings(settings)
+    app[PRINCIPAL_CACHE] = {}
+
+    async def listen_for_finished(app: web.Application) -> AsyncIterator[None]:
+        async with waiters.listen(dsn) as listener:
+            app[WAITERS] = listener
+            yield
+
+    app.cleanup_ctx.append(listen_for_finished)
+    for route in ROUTES:
+        app.router.add_route(route.method, route.path, endpoint(route))
+    add_openapi_routes(app, ROUTES, version("ferry"))
+    return app

@@ -1,0 +1,192 @@
+"""The HTTP plumbing every endpoint shares: the route record, request parsing with pydantic,
+response rendering, and the one middleware that maps errors to API.md's error shape."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import asyncpg
+import redis.exceptions
+from aiohttp import web
+from pydantic import BaseModel, TypeAdapter, ValidationError
+
+from core.auth import Principal, authenticate
+from core.errors import BadRequest, FerryError, Invalid, TooLarge, Unavailable
+from service.keys import DB, PRINCIPAL_CACHE
+
+log = logging.getLogger("ferry.api")
+
+Handler = Callable[..., Awaitable[Any]]
+
+
+@dataclass(frozen=True)
+class Route:
+    """One endpoint: what it takes and returns is declared here, so the OpenAPI document is
+    generated from the same models that parse and render the requests."""
+
+    method: str
+    path: str
+    handler: Handler
+    summary: str
+    tag: str
+    body: type[BaseModel] | None = None
+    query: type[BaseModel] | None = None
+    response: Any = None
+    status: int = 200
+    auth: bool = True
+    form: type[BaseModel] | None = None  # multipart body, documented only (parsed by hand)
+    errors: tuple[int, ...] = ()
+    extra_responses: dict[str, Any] = field(default_factory=dict)
+
+
+def validation_details(exc: ValidationError, prefix: str = "") -> list[dict[str, Any]]:
+    details = []
+    for error in exc.errors(include_url=False):
+        path = prefix
+        for part in error["loc"]:
+            if isinstance(part, int):
+                path += f"[{part}]"
+            else:
+                path += f".{part}" if path else str(part)
+        details.append({"field": path or prefix or "body", "message": error["msg"]})
+    return details
+
+
+async def parse_body(request: web.Request, model: type[BaseModel]) -> BaseModel:
+    raw = await request.read()
+    if not raw:
+        raw = b"{}"
+    try:
+        data = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise BadRequest(f"the body is not valid JSON: {exc}") from None
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        details = validation_details(exc)
+        raise Invalid(_summary(details), details) from None
+
+
+def parse_query(request: web.Request, model: type[BaseModel]) -> BaseModel:
+    try:
+        return model.model_validate(dict(request.query))
+    except ValidationError as exc:
+        details = validation_details(exc)
+        raise Invalid(_summary(details), details) from None
+
+
+def _summary(details: list[dict[str, Any]]) -> str:
+    first = details[0]
+    more = f" (and {len(details) - 1} more)" if len(details) > 1 else ""
+    return f"{first['field']}: {first['message']}{more}"
+
+
+_adapters: dict[Any, TypeAdapter[Any]] = {}
+
+
+def render(result: Any, route: Route) -> web.StreamResponse:
+    if isinstance(result, web.StreamResponse):
+        return result
+    status = route.status
+    if isinstance(result, tuple):  # (body, status) where a handler chooses, e.g. 200 vs 201
+        result, status = result
+    if result is None:
+        return web.Response(status=204 if status == 200 else status)
+    if route.response is not None:
+        adapter = _adapters.get(route.response)
+        if adapter is None:
+            adapter = _adapters[route.response] = TypeAdapter(route.response)
+        body = adapter.dump_json(result, by_alias=True)
+    elif isinstance(result, BaseModel):
+        body = result.model_dump_json(by_alias=True).encode()
+    else:
+        body = json.dumps(result).encode()
+    return web.Response(body=body, status=status, content_type="application/json")
+
+
+def endpoint(route: Route) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
+    async def handle(request: web.Request) -> web.StreamResponse:
+        if route.auth:
+            request["principal"] = await principal_of(request)
+        body = await parse_body(request, route.body) if route.body else None
+        query = parse_query(request, route.query) if route.query else None
+        return render(await route.handler(request, body=body, query=query), route)
+
+    handle.__name__ = route.handler.__name__
+    return handle
+
+
+def principal(request: web.Request) -> Principal:
+    return request["principal"]
+
+
+# Tokens are checked against PostgreSQL at most every few seconds per process: the hot path
+# stays one transaction, and a deleted token stops working within this many seconds.
+TOKEN_CACHE_S = 2.0
+
+
+async def principal_of(request: web.Request) -> Principal:
+    header = request.headers.get("Authorization", "")
+    scheme, _, secret = header.partition(" ")
+    if scheme.lower() != "bearer":
+        secret = ""
+    cache = request.app[PRINCIPAL_CACHE]
+    now = time.monotonic()
+    hit = cache.get(secret)
+    if hit is not None and hit[1] > now:
+        return hit[0]
+    found = await authenticate(request.app[DB], secret.strip())
+    if len(cache) > 10_000:
+        cache.clear()
+    cache[secret] = (found, now + TOKEN_CACHE_S)
+    return found
+
+
+def error_response(error: FerryError, request_id: str) -> web.Response:
+    return web.json_response(error.to_json(), status=error.status, headers={"X-Request-Id": request_id})
+
+
+_HTTP_CODES = {400: "bad_request", 404: "not_found", 405: "method_not_allowed", 413: "too_large"}
+
+
+@web.middleware
+async def errors_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Every failure leaves as `{"error": {code, message, details}}`; never a traceback."""
+    request_id = request.headers.get("X-Request-Id") or uuid.uuid4().hex[:16]
+    request["request_id"] = request_id
+    try:
+        response = await handler(request)
+    except FerryError as exc:
+        return error_response(exc, request_id)
+    except web.HTTPRequestEntityTooLarge:
+        return error_response(TooLarge("the request body is too large"), request_id)
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        error = FerryError(exc.reason)
+        error.status, error.code = exc.status, _HTTP_CODES.get(exc.status, "error")
+        if exc.status == 404:
+            error.message = f"no such endpoint: {request.method} {request.path}"
+        if exc.status == 405:
+            error.message = f"{request.method} is not allowed on {request.path}"
+        return error_response(error, request_id)
+    except (asyncpg.PostgresConnectionStatusError, asyncpg.CannotConnectNowError, OSError,
+            redis.exceptions.ConnectionError) as exc:
+        log.warning("dependency unavailable", extra={"request_id": request_id, "error": str(exc)})
+        return error_response(Unavailable("a dependency is unavailable; retry shortly"), request_id)
+    except asyncpg.DataError as exc:
+        return error_response(Invalid(f"a value is out of range: {exc}"), request_id)
+    except Exception:
+        log.exception("unhandled error", extra={"request_id": request_id})
+        return error_response(
+            FerryError(f"internal error; the server log has the details (request {request_id})"),
+            request_id,
+        )
+    response.headers.setdefault("X-Request-Id", request_id)
+    return response

@@ -1,0 +1,65 @@
+"""Query-string models: parsed with pydantic like bodies, and documented from the same class."""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from core.pagination import Order
+
+
+class Query(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+
+class ListQuery(Query):
+    limit: int = Field(default=50, ge=1, le=1000)
+    cursor: str | None = None
+    order: Order = "-created_at"
+
+
+class ProjectFilter(ListQuery):
+    project: str | None = None
+
+
+class PackageList(ProjectFilter):
+    name: str | None = None
+
+
+class ServiceList(ProjectFilter):
+    package: str | None = None
+    status: str | None = None
+
+
+class ExecutionList(ProjectFilter):
+    service: str | None = None
+    status: str | None = Field(default=None, description="one status or several, comma-separated")
+    function: str | None = None
+    trigger: str | None = None
+    pipeline_execution: str | None = None
+    created_after: datetime | None = None
+    created_before: datetime | None = None
+
+
+class CounterQuery(Query):
+    project: str | None = None
+    service: str | None = None
+
+
+class RevisionQuery(Query):
+    revision: int | None = Field(default=None, ge=1)
+
+
+class ForceQuery(Query):
+    force: bool = False
+
+
+class WaitQuery(Query):
+    timeout: float = Field(default=30, ge=0, le=300)
+
+
+class LogQuery(Query):
+    cursor: str | None = Field(default=None, description="the last seq already seen")
+    limit: int = Field(default=1000, ge=1, le=10_000)
+    follow: bool = False
