@@ -116,6 +116,7 @@ def test_default_mirror_reads_apt_dir_and_falls_back(tmp_path: Path) -> None:
         "six\nrequests",
         "pkg @ file:///srv/pkg",
         "pkg/sub",
+        "six foo",
     ],
 )
 def test_requirement_validation_names_the_offending_line(line: str) -> None:

@@ -392,7 +392,7 @@ def _unmount_below(directory: Path) -> None:
 # --- per-revision requirement images ----------------------------------------------------
 
 _NAME = re.compile(r"^([A-Za-z0-9](?:[A-Za-z0-9._-]*[A-Za-z0-9])?)\s*(\[[A-Za-z0-9._,\s-]*\])?")
-_VERSION_SPEC = re.compile(r"^[\sA-Za-z0-9<>=!~*.,+]*$")
+_SPECIFIER = re.compile(r"^\s*(?:===|==|!=|~=|<=|>=|<|>)\s*[A-Za-z0-9.*+!_-]+\s*$")
 _ARCHIVE_SUFFIXES = (".whl", ".tar.gz", ".tgz", ".tar.bz2", ".zip")
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 # The builder's own lines; what remains of a failed build's output is pip's.
@@ -433,7 +433,7 @@ def normalise_requirements(requirements: Iterable[str]) -> list[str]:
             if not re.match(r"^(?:git\+)?https?://\S+$", url):
                 raise ValueError(f"requirement {raw!r}: only http(s) URLs may follow '@'")
             spec = f" @ {url}"
-        elif not _VERSION_SPEC.match(spec) or re.search(r"(^|\s)-", spec):
+        elif spec and not all(_SPECIFIER.match(part) for part in spec.split(",")):
             raise ValueError(f"requirement {raw!r}: not a version specifier")
         else:
             spec = re.sub(r"\s+", "", spec)
@@ -477,17 +477,13 @@ def ensure_revision_image(
             "build it first (ensure_runner_image for the default runner image)"
         ) from exc
     tag = revision_image_tag(base_id, lines)
-    if _image_exists(client, tag):
+    if runner_image_exists(client, tag):
         return tag
     with host_lock(tag, lock_dir):
-        if not _image_exists(client, tag):
+        if not runner_image_exists(client, tag):
             bundle = ca_bundle or _host_ca_bundle()
             _build_revision_image(client, base_id, lines, tag, on_progress, network_mode, bundle)
     return tag
-
-
-def _image_exists(client: docker.DockerClient, tag: str) -> bool:
-    return runner_image_exists(client, tag)
 
 
 def _host_ca_bundle() -> Path | None:
