@@ -56,7 +56,7 @@ class OutputError(Exception):
 def encode_frame(obj: dict) -> bytes:
     body = json.dumps(obj, allow_nan=False, separators=(",", ":")).encode()
     if len(body) > MAX_FRAME:
-        raise ValueError("%d bytes is over the %d-byte frame limit" % (len(body), MAX_FRAME))
+        raise ValueError(f"{len(body)} bytes is over the {MAX_FRAME}-byte frame limit")
     return HEADER.pack(len(body)) + body
 
 
@@ -72,7 +72,7 @@ class FrameReader:
         while len(self.buf) - start >= HEADER.size:
             (size,) = HEADER.unpack_from(self.buf, start)
             if size > MAX_FRAME:
-                raise ValueError("frame of %d bytes is over the limit" % size)
+                raise ValueError(f"frame of {size} bytes is over the limit")
             if len(self.buf) - start - HEADER.size < size:
                 break
             body = self.buf[start + HEADER.size : start + HEADER.size + size]
@@ -121,9 +121,9 @@ def oom_counter_paths() -> list:
             for line in f:
                 _, controllers, path = line.rstrip("\n").split(":", 2)
                 if path not in ("", "/") and controllers == "":
-                    paths.insert(0, "/sys/fs/cgroup%s/memory.events" % path)
+                    paths.insert(0, f"/sys/fs/cgroup{path}/memory.events")
                 elif path not in ("", "/") and "memory" in controllers.split(","):
-                    paths.insert(0, "/sys/fs/cgroup/memory%s/memory.oom_control" % path)
+                    paths.insert(0, f"/sys/fs/cgroup/memory{path}/memory.oom_control")
     except (OSError, ValueError):
         pass
     return paths
@@ -177,7 +177,7 @@ def load_functions(config: dict) -> dict:
     for name, spec in (config.get("functions") or {}).items():
         fn = getattr(owner, name, None)
         if not callable(fn):
-            raise AttributeError("%s has no callable %r" % (entry, name))
+            raise AttributeError(f"{entry} has no callable {name!r}")
         try:
             params = set(inspect.signature(fn).parameters)
         except (TypeError, ValueError):
@@ -192,8 +192,8 @@ def shape_output(value, outputs: list):
         return {outputs[0]: value}
     if len(outputs) > 1 and not isinstance(value, dict):
         raise OutputError(
-            "the function declares outputs %s and must return a dict keyed by them, not %s"
-            % (", ".join(outputs), type(value).__name__)
+            f"the function declares outputs {', '.join(outputs)} and must return a dict"
+            f" keyed by them, not {type(value).__name__}"
         )
     return value
 
@@ -214,7 +214,6 @@ def run_child(message: dict, function: tuple, agent_pid: int, fds: tuple) -> Non
     status = 1
     try:
         os.setsid()  # its own process group: a stop kills everything it started
-        signal.set_wakeup_fd(-1)
         for sig in (signal.SIGCHLD, signal.SIGTERM):
             signal.signal(sig, signal.SIG_DFL)
         signal.signal(signal.SIGINT, signal.default_int_handler)
@@ -263,7 +262,7 @@ def run_child(message: dict, function: tuple, agent_pid: int, fds: tuple) -> Non
         try:
             data = encode_frame(frame)
         except (TypeError, ValueError) as exc:
-            message_text = "the output is not JSON-serialisable: %s" % exc
+            message_text = f"the output is not JSON-serialisable: {exc}"
             error = {"type": "OutputError", "message": message_text, "traceback": ""}
             data = encode_frame({"type": "error", "error": error})
         write_all(msg_w, data)
@@ -375,7 +374,7 @@ class Agent:
         try:
             messages = self.reader.feed(chunk)
         except ValueError as exc:
-            print("ferry-agent: protocol error from the worker: %s" % exc, file=sys.stderr)
+            print(f"ferry-agent: protocol error from the worker: {exc}", file=sys.stderr)
             self.exit_code = 2
             return
         for message in messages:
@@ -387,19 +386,19 @@ class Agent:
             elif kind == "shutdown":
                 self.exit_code = 0
             else:
-                print("ferry-agent: ignoring message %r" % kind, file=sys.stderr)
+                print(f"ferry-agent: ignoring message {kind!r}", file=sys.stderr)
 
     def execute(self, message: dict) -> None:
         exec_id = message.get("id")
-        if exec_id in self.executions:
-            print("ferry-agent: execution %s is already running" % exec_id, file=sys.stderr)
+        if not isinstance(exec_id, str) or exec_id in self.executions:
+            print(f"ferry-agent: ignoring execute with id {exec_id!r}", file=sys.stderr)
             return
         function = self.functions.get(message.get("function"))
         if function is None:
-            text = "no function %r in this service" % message.get("function")
+            text = f"no function {message.get('function')!r} in this service"
             return self._reply_error(exec_id, "FunctionNotFound", text)
         if len(self.executions) >= self.concurrency:
-            text = "all %d execution slots of this replica are busy" % self.concurrency
+            text = f"all {self.concurrency} execution slots of this replica are busy"
             return self._reply_error(exec_id, "AgentBusy", text)
         out_r, out_w = os.pipe()
         err_r, err_w = os.pipe()
@@ -409,7 +408,8 @@ class Agent:
         sys.stderr.flush()
         pid = os.fork()
         if pid == 0:
-            for fd in self._parent_fds() + [out_r, err_r, msg_r]:
+            signal.set_wakeup_fd(-1)
+            for fd in [*self._parent_fds(), out_r, err_r, msg_r]:
                 os.close(fd)
             run_child(message, function, os.getppid(), (out_w, err_w, msg_w))
         for fd in (out_w, err_w, msg_w):
@@ -505,16 +505,16 @@ class Agent:
                 self._kill(ex, signal.SIGKILL)
 
     def finish(self, ex: Execution) -> None:
-        for fd in list(ex.open_fds):
-            if fd in ex.streams:
-                os.set_blocking(fd, False)
-                try:
-                    while self.on_log_readable(ex, fd) is None and fd in ex.open_fds:
-                        pass
-                except BlockingIOError:
-                    pass
-            if fd == ex.msg_fd:
-                self.on_msg_readable(ex)
+        for fd in list(ex.open_fds):  # take what is left in the pipes, without waiting
+            os.set_blocking(fd, False)
+            try:
+                while fd in ex.open_fds:
+                    if fd == ex.msg_fd:
+                        self.on_msg_readable(ex)
+                    else:
+                        self.on_log_readable(ex, fd)
+            except BlockingIOError:
+                pass
             self._close_fd(ex, fd)
         for stream, buf in ex.streams.values():
             for text in split_lines(buf, final=True):
@@ -526,6 +526,7 @@ class Agent:
             frame = dict(ex.outcome, id=ex.id, duration_ms=duration_ms)
         elif ex.stop_reason is not None:
             frame = {"type": "stopped", "id": ex.id, "reason": ex.stop_reason}
+            frame["duration_ms"] = duration_ms
         else:
             frame = {"type": "error", "id": ex.id, "error": self._death(ex)}
             frame["duration_ms"] = duration_ms
@@ -534,36 +535,37 @@ class Agent:
     def _death(self, ex: Execution) -> dict:
         if os.WIFSIGNALED(ex.status):
             sig = os.WTERMSIG(ex.status)
-            name = signal.Signals(sig).name if sig in signal.Signals._value2member_map_ else sig
+            try:
+                name = signal.Signals(sig).name
+            except ValueError:
+                name = "unknown"
             after = read_oom_kills(self.oom_paths)
-            if sig == signal.SIGKILL and ex.oom_before is not None and after > ex.oom_before:
+            if (
+                sig == signal.SIGKILL
+                and None not in (ex.oom_before, after)
+                and after > ex.oom_before
+            ):
                 text = "killed by the out-of-memory killer: the replica's memory limit was reached"
                 return {"type": "OutOfMemory", "message": text, "traceback": "", "signal": sig}
-            text = "the function's process was killed by signal %d (%s)" % (sig, name)
-            if sig == signal.SIGKILL:
+            text = f"the function's process was killed by signal {sig} ({name})"
+            if sig == signal.SIGKILL and None in (ex.oom_before, after):
                 text += ", possibly by the out-of-memory killer"
             return {"type": "Crashed", "message": text, "traceback": "", "signal": sig}
-        code = os.waitstatus_to_exitcode(ex.status) if hasattr(os, "waitstatus_to_exitcode") else (
-            os.WEXITSTATUS(ex.status)
-        )
-        text = "the function's process exited with code %d before returning" % code
+        code = os.WEXITSTATUS(ex.status)
+        text = f"the function's process exited with code {code} before returning"
         return {"type": "Crashed", "message": text, "traceback": "", "exit_code": code}
 
     # -- loop -------------------------------------------------------------------------
     def serve(self) -> int:
-        names = sorted(self.functions)
-        self.send(
-            {"type": "ready", "agent_version": AGENT_VERSION, "pid": os.getpid(),
-             "python": platform.python_version(), "functions": names}
-        )  # fmt: skip
+        ready = {"type": "ready", "agent_version": AGENT_VERSION, "pid": os.getpid()}
+        ready.update(python=platform.python_version(), functions=sorted(self.functions))
+        self.send(ready)
         next_beat = time.monotonic() + self.heartbeat_s
         while self.exit_code is None:
             now = time.monotonic()
-            timeout = min(next_beat, now + 1.0)
-            for ex in self.executions.values():
-                for at in (ex.deadline, ex.kill_at, ex.finished and ex.finished + DRAIN_S):
-                    if at:
-                        timeout = min(timeout, at)
+            timeout = min(
+                [next_beat, now + 1.0] + [self._next_timer(ex) for ex in self.executions.values()]
+            )
             for key, events in self.sel.select(max(0.0, timeout - now)):
                 kind, ex = key.data
                 if kind == "client":
@@ -583,7 +585,7 @@ class Agent:
                 if ex.status is not None:
                     if not ex.open_fds or now >= ex.finished + DRAIN_S:
                         self.finish(ex)
-                elif ex.deadline and now >= ex.deadline:
+                elif ex.deadline and now >= ex.deadline and ex.stop_reason is None:
                     self.stop(ex.id, "timeout")
                 elif ex.kill_at and now >= ex.kill_at:
                     self._kill(ex, signal.SIGKILL)
@@ -596,6 +598,15 @@ class Agent:
                 self.exit_code = 2
         self.shutdown()
         return self.exit_code
+
+    def _next_timer(self, ex: Execution) -> float:
+        if ex.status is not None:
+            return ex.finished + DRAIN_S
+        if ex.kill_at:
+            return ex.kill_at
+        if ex.deadline and ex.outcome is None and ex.stop_reason is None:
+            return ex.deadline
+        return float("inf")
 
     def shutdown(self) -> None:
         for ex in self.executions.values():
@@ -642,7 +653,7 @@ def main(argv: list) -> int:
     listener.settimeout(float(config.get("connect_timeout_s") or 60.0))
     try:
         client, _ = listener.accept()
-    except socket.timeout:
+    except OSError:  # socket.timeout, a TimeoutError since 3.10
         print("ferry-agent: no worker connected; leaving", file=sys.stderr)
         return 3 if init_error else 2
     finally:

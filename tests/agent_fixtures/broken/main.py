@@ -1,0 +1,6 @@
+print("importing a module that cannot load")
+raise RuntimeError("boom at import")
+
+
+def never():
+    return None
