@@ -5,6 +5,7 @@ The worker-side transitions live in `core.states`.
 
 from __future__ import annotations
 
+import json
 from datetime import datetime
 from typing import Any
 
@@ -131,9 +132,13 @@ _INSERT = """
     INSERT INTO executions (id, project_id, service_id, function, input, max_attempts, timeout_s,
                             idempotency_key, trigger_id, trigger_fire_time, event_id, rerun_of,
                             status_log)
-    SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::jsonb[], $6::int[],
-                         $7::int[], $8::text[], $9::text[], $10::timestamptz[], $11::text[],
-                         $12::text[], $13::jsonb[])
+    SELECT id, project, service, function, input, max_attempts, timeout_s, key, trigger,
+           fire_time, event, rerun_of, status_log::jsonb
+    FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::jsonb[], $6::int[],
+                $7::int[], $8::text[], $9::text[], $10::timestamptz[], $11::text[],
+                $12::text[], $13::text[])
+         AS t(id, project, service, function, input, max_attempts, timeout_s, key, trigger,
+              fire_time, event, rerun_of, status_log)
     ON CONFLICT DO NOTHING
     RETURNING *
 """
@@ -238,7 +243,7 @@ async def _insert(
             fire_time,
             event_id,
             rerun_of,
-            [status_entry("created")],
+            json.dumps([status_entry("created")]),  # text: a list would read as a 2-D array
         ]
         for column, value in zip(columns, row, strict=True):
             column.append(value)

@@ -10,7 +10,6 @@ no lease (`lease_until IS NULL`) until a worker claims it again with attempt + 1
 
 from __future__ import annotations
 
-import json
 from enum import StrEnum
 from typing import Any
 
@@ -43,9 +42,9 @@ TERMINAL = frozenset({ExecutionStatus.success, ExecutionStatus.failed, Execution
 LIVE = frozenset({ExecutionStatus.created, ExecutionStatus.in_progress})
 
 
-def _log(status: str, message: str | None = None, **extra: Any) -> str:
+def _log(status: str, message: str | None = None, **extra: Any) -> list[dict[str, Any]]:
     # Appended with `status_log || $n::jsonb`: a one-element JSON array.
-    return json.dumps([status_entry(status, message, **extra)])
+    return [status_entry(status, message, **extra)]
 
 
 async def claim(

@@ -18,7 +18,7 @@ from pydantic import BaseModel, TypeAdapter, ValidationError
 
 from core.auth import Principal, authenticate
 from core.errors import BadRequest, FerryError, Invalid, TooLarge, Unavailable
-from service.keys import DB, PRINCIPAL_CACHE
+from service.keys import DB, PRINCIPAL, PRINCIPAL_CACHE, REQUEST_ID
 
 log = logging.getLogger("ferry.api")
 
@@ -102,6 +102,8 @@ def render(result: Any, route: Route) -> web.StreamResponse:
         adapter = _adapters.get(route.response)
         if adapter is None:
             adapter = _adapters[route.response] = TypeAdapter(route.response)
+        if not isinstance(result, BaseModel):  # a dict of models, e.g. a page
+            result = adapter.validate_python(result)
         body = adapter.dump_json(result, by_alias=True)
     elif isinstance(result, BaseModel):
         body = result.model_dump_json(by_alias=True).encode()
@@ -113,7 +115,7 @@ def render(result: Any, route: Route) -> web.StreamResponse:
 def endpoint(route: Route) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
     async def handle(request: web.Request) -> web.StreamResponse:
         if route.auth:
-            request["principal"] = await principal_of(request)
+            request[PRINCIPAL] = await principal_of(request)
         body = await parse_body(request, route.body) if route.body else None
         query = parse_query(request, route.query) if route.query else None
         return render(await route.handler(request, body=body, query=query), route)
@@ -123,7 +125,7 @@ def endpoint(route: Route) -> Callable[[web.Request], Awaitable[web.StreamRespon
 
 
 def principal(request: web.Request) -> Principal:
-    return request["principal"]
+    return request[PRINCIPAL]  # type: ignore[return-value]
 
 
 # Tokens are checked against PostgreSQL at most every few seconds per process: the hot path
@@ -159,7 +161,7 @@ _HTTP_CODES = {400: "bad_request", 404: "not_found", 405: "method_not_allowed", 
 async def errors_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Every failure leaves as `{"error": {code, message, details}}`; never a traceback."""
     request_id = request.headers.get("X-Request-Id") or uuid.uuid4().hex[:16]
-    request["request_id"] = request_id
+    request[REQUEST_ID] = request_id
     try:
         response = await handler(request)
     except FerryError as exc:
@@ -176,7 +178,7 @@ async def errors_middleware(request: web.Request, handler: Handler) -> web.Strea
         if exc.status == 405:
             error.message = f"{request.method} is not allowed on {request.path}"
         return error_response(error, request_id)
-    except (asyncpg.PostgresConnectionStatusError, asyncpg.CannotConnectNowError, OSError,
+    except (asyncpg.PostgresConnectionError, asyncpg.ConnectionDoesNotExistError, OSError,
             redis.exceptions.ConnectionError) as exc:
         log.warning("dependency unavailable", extra={"request_id": request_id, "error": str(exc)})
         return error_response(Unavailable("a dependency is unavailable; retry shortly"), request_id)

@@ -17,3 +17,7 @@ REDIS = web.AppKey("redis", ArqRedis)
 SECRETS = web.AppKey("secrets", SecretBox)
 PRINCIPAL_CACHE = web.AppKey("principal_cache", dict)
 WAITERS = web.AppKey("waiters", Any)
+
+# Per-request values.
+REQUEST_ID = web.RequestKey("request_id", str)
+PRINCIPAL = web.RequestKey("principal", object)
