@@ -35,6 +35,7 @@ RUN_IN_CONTAINER = "/ferry/run"
 LABEL_MANAGED = "ferry.managed"
 LABEL_REPLICA = "ferry.replica"
 LABEL_SERVICE = "ferry.service"
+LABEL_OWNER = "ferry.owner"
 
 
 class DockerRuntime(Runtime):
@@ -43,9 +44,16 @@ class DockerRuntime(Runtime):
     name = "docker"
     isolated = True
 
-    def __init__(self, client: docker.DockerClient | None = None, user: str = "1000:1000") -> None:
+    def __init__(
+        self,
+        client: docker.DockerClient | None = None,
+        user: str = "1000:1000",
+        owner: str | None = None,
+    ) -> None:
+        """`owner` labels the containers; `cleanup_orphans` then only touches that owner's."""
         self.client = client or docker.from_env()
         self.user = user
+        self.owner = owner
 
     def _code_dir(self, spec: ReplicaSpec) -> str:
         return CODE_IN_CONTAINER
@@ -94,11 +102,7 @@ class DockerRuntime(Runtime):
                 user=self.user,
                 working_dir=CODE_IN_CONTAINER,
                 environment=env,
-                labels={
-                    LABEL_MANAGED: "1",
-                    LABEL_REPLICA: spec.replica_id,
-                    LABEL_SERVICE: spec.service_id,
-                },
+                labels=self._labels(spec),
                 host_config=host_config,
             )
         except docker.errors.ImageNotFound as exc:
@@ -114,6 +118,16 @@ class DockerRuntime(Runtime):
             self._remove(created["Id"])
             raise ReplicaStartError(f"could not start the container: {exc.explanation}") from exc
         return created["Id"]
+
+    def _labels(self, spec: ReplicaSpec) -> dict[str, str]:
+        labels = {
+            LABEL_MANAGED: "1",
+            LABEL_REPLICA: spec.replica_id,
+            LABEL_SERVICE: spec.service_id,
+        }
+        if self.owner is not None:
+            labels[LABEL_OWNER] = self.owner
+        return labels
 
     def _give_run_dir_to_user(self, run_dir: Path) -> None:
         # The agent (the container's user) creates its socket there.
@@ -167,16 +181,18 @@ class DockerRuntime(Runtime):
         )
 
     async def cleanup_orphans(self, keep: set[str]) -> list[str]:
-        """Removes Ferry containers of this engine whose replica id is not in keep.
+        """Removes Ferry containers whose replica id is not in keep (only this owner's, if set).
 
-        Several workers sharing one engine must pass every live replica id of the engine,
-        not only their own.
+        Without an owner, workers sharing one engine must pass every live replica id of the
+        engine, not only their own.
         """
         return await asyncio.to_thread(self._cleanup_orphans, keep)
 
     def _cleanup_orphans(self, keep: set[str]) -> list[str]:
         removed = []
-        filters = {"label": f"{LABEL_MANAGED}=1"}
+        filters = {"label": [f"{LABEL_MANAGED}=1"]}
+        if self.owner is not None:
+            filters["label"].append(f"{LABEL_OWNER}={self.owner}")
         for container in self.client.api.containers(all=True, filters=filters):
             replica_id = (container.get("Labels") or {}).get(LABEL_REPLICA, "")
             if replica_id not in keep:

@@ -21,6 +21,14 @@ def add(a, b):
     return a + b
 
 
+def identity(value):
+    return value
+
+
+def bad_pair():
+    return 1
+
+
 def pair(a, b):
     return {"sum": a + b, "product": a * b}
 
@@ -119,3 +127,7 @@ def write_file(path):
     with open(path, "w") as f:
         f.write("x")
     return path
+
+
+def environment(name):
+    return {"value": os.environ.get(name), "cwd": os.getcwd()}

@@ -1,0 +1,339 @@
+"""The agent through its real protocol: a real agent subprocess (process runtime), no mocks."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.agent_helpers import BASIC_FUNCTIONS, Replica, make_spec, new_id, start_replica
+from worker.agent_client import AgentConnection, AgentInitError, AgentStartError
+from worker.runtimes import ProcessRuntime
+
+
+@pytest.fixture(scope="module")
+async def replica(tmp_path_factory):
+    """One warm replica shared by the tests that leave it serving."""
+    runtime = ProcessRuntime()
+    started = await start_replica(runtime, make_spec(tmp_path_factory.mktemp("agent")))
+    yield started
+    await started.close()
+
+
+@pytest.fixture
+async def own_replica(tmp_path_factory):
+    """A replica for a test that kills or disconnects it."""
+    runtime = ProcessRuntime()
+    started = await start_replica(runtime, make_spec(tmp_path_factory.mktemp("own")))
+    yield started
+    await started.close()
+
+
+def process_gone(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, ProcessLookupError):
+        return True
+    return state in ("Z", "X")  # a zombie left to an init that does not reap is dead too
+
+
+async def wait_for(predicate, timeout_s: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not met in time")
+        await asyncio.sleep(0.01)
+
+
+async def test_ready_frame(replica: Replica):
+    ready = replica.ready
+    assert ready["type"] == "ready"
+    assert ready["agent_version"] == 1
+    assert ready["pid"] == int(replica.handle.ref)
+    assert ready["python"].count(".") == 2
+    assert ready["functions"] == sorted(BASIC_FUNCTIONS)
+
+
+async def test_class_instantiated_once_and_state_not_carried(tmp_path_factory):
+    spec = make_spec(
+        tmp_path_factory.mktemp("cls"),
+        codebase="stateful",
+        entry_point="model.py",
+        class_name="Runner",
+        init_inputs={"greeting": "hi", "weights": 5},
+        functions={"hello": {"inputs": ["name"], "outputs": ["greeting"]}, "state": {}},
+    )
+    started = await start_replica(ProcessRuntime(), spec)
+    try:
+        states = [(await started.call("state")).outcome.output for _ in range(6)]
+        hello = await started.call("hello", name="Ann")
+    finally:
+        await started.close()
+    assert hello.outcome.output == {"greeting": "hi, Ann"}
+    agent_pid = started.ready["pid"]
+    for state in states:
+        assert state["inits"] == 1  # __init__ ran once, in the agent
+        assert state["instance"] == states[0]["instance"]
+        assert state["loaded_in"] == agent_pid == state["agent"]
+        assert state["weights"] == [0, 1, 2, 3, 4]
+        assert state["calls"] == 1  # what one execution mutates is gone for the next
+
+
+async def test_output_shaping(replica: Replica):
+    assert (await replica.call("add", a=1, b=2)).outcome.output == {"sum": 3}
+    assert (await replica.call("identity", value=7)).outcome.output == {"value": 7}
+    assert (await replica.call("identity", value={"value": 2})).outcome.output == {"value": 2}
+    wrapped = await replica.call("identity", value={"other": 1})
+    assert wrapped.outcome.output == {"value": {"other": 1}}
+    assert (await replica.call("pair", a=2, b=3)).outcome.output == {"sum": 5, "product": 6}
+    assert (await replica.call("no_outputs")).outcome.output == [1, "two", None]
+    assert (await replica.call("echo")).outcome.output is None
+    bad = await replica.call("bad_pair")
+    assert bad.outcome.status == "failed"
+    assert bad.outcome.error["type"] == "OutputError"
+    assert "a, b" in bad.outcome.error["message"]
+
+
+@pytest.mark.parametrize("function", ["not_json", "nan"])
+async def test_unserialisable_output_is_output_error(replica: Replica, function: str):
+    call = await replica.call(function)
+    assert call.outcome.status == "failed"
+    assert call.outcome.error["type"] == "OutputError"
+    assert "JSON" in call.outcome.error["message"]
+
+
+async def test_large_output_and_frame_limit(replica: Replica):
+    big = await replica.call("big", megabytes=8)
+    assert big.outcome.status == "success"
+    assert len(big.outcome.output) == 8 * 1024 * 1024
+    too_big = await replica.call("big", megabytes=65)
+    assert too_big.outcome.error["type"] == "OutputError"
+    assert "limit" in too_big.outcome.error["message"]
+
+
+async def test_progress_and_context(replica: Replica):
+    execution_id = new_id()
+    progress = []
+    outcome = await replica.conn.execute(
+        execution_id,
+        "report",
+        {},
+        context={"attempt": 2, "service_id": "svc-1", "project_id": "prj-1"},
+        on_progress=lambda percent, message: progress.append((percent, message)),
+    )
+    assert outcome.status == "success", outcome.error
+    assert progress == [(50, "half"), (100, None)]
+    assert outcome.output["execution_id"] == execution_id
+    assert outcome.output["attempt"] == 2
+    assert outcome.output["service_id"] == "svc-1"
+    assert outcome.output["context"]["project_id"] == "prj-1"
+
+
+async def test_logs_arrive_in_order_before_the_result(replica: Replica):
+    logs = []
+
+    async def on_log(stream, text, at):  # async callbacks are awaited in order
+        await asyncio.sleep(0)
+        logs.append((stream, text, at))
+
+    outcome = await replica.conn.execute(new_id(), "chatter", {"lines": 3}, on_log=on_log)
+    assert outcome.output == "done"
+    stdout = [text for stream, text, _ in logs if stream == "stdout"]
+    stderr = [text for stream, text, _ in logs if stream == "stderr"]
+    assert stdout == [
+        "out 0",
+        "out 1",
+        "out 2",
+        "raw fd write",
+        "from a subprocess",
+        "no newline at the end",
+    ]
+    assert stderr == ["err 0", "err 1", "err 2", "INFO basic: logged info"]
+    times = [at for _, _, at in logs]
+    assert all(abs(at - time.time()) < 60 for at in times)
+
+
+async def test_long_lines_are_split(replica: Replica):
+    call = await replica.call("long_line", size=40_000)
+    assert [len(line) for line in call.lines("stdout")] == [16384, 16384, 40_000 - 2 * 16384]
+
+
+async def test_exception_gives_error_with_traceback(replica: Replica):
+    call = await replica.call("fail", message="size must be positive")
+    error = call.outcome.error
+    assert call.outcome.status == "failed"
+    assert error["type"] == "ValueError"
+    assert error["message"] == "size must be positive"
+    assert "raise ValueError(message)" in error["traceback"]
+    assert "agent.py" not in error["traceback"]
+
+
+async def test_async_function(replica: Replica):
+    assert (await replica.call("async_add", a=2, b=3)).outcome.output == {"sum": 5}
+
+
+async def test_unknown_function(replica: Replica):
+    call = await replica.call("nope")
+    assert call.outcome.status == "failed"
+    assert call.outcome.error["type"] == "FunctionNotFound"
+
+
+async def test_timeout_kills_at_the_deadline(replica: Replica):
+    started = time.monotonic()
+    call = await replica.call("sleep", timeout_s=1, seconds=60)
+    elapsed = time.monotonic() - started
+    assert call.outcome.status == "timeout"
+    assert 0.9 < elapsed < 2.0
+    pid = int(call.lines("stdout")[0].split("pid=")[1])
+    assert process_gone(pid)
+
+
+async def test_stop_kills_within_two_seconds(replica: Replica):
+    execution_id = new_id()
+    pids = []
+    task = asyncio.create_task(
+        replica.conn.execute(
+            execution_id,
+            "sleep",
+            {"seconds": 60},
+            on_log=lambda stream, text, at: pids.append(int(text.split("pid=")[1])),
+        )
+    )
+    await wait_for(lambda: pids)
+    asked = time.monotonic()
+    await replica.conn.stop(execution_id)
+    outcome = await asyncio.wait_for(task, 3)
+    assert outcome.status == "terminated"
+    assert time.monotonic() - asked < 2.0
+    assert process_gone(pids[0])
+
+
+async def test_concurrency_slots_and_heartbeat(replica: Replica):
+    ids = [new_id() for _ in range(4)]
+    started = time.monotonic()
+    tasks = [asyncio.create_task(replica.conn.execute(i, "sleep", {"seconds": 1})) for i in ids]
+    await wait_for(lambda: set(replica.conn.running) == set(ids), timeout_s=1)
+    busy = await replica.call("echo", value=1)  # a fifth one, beyond concurrency 4
+    assert busy.outcome.status == "failed"
+    assert busy.outcome.error["type"] == "AgentBusy"
+    outcomes = await asyncio.gather(*tasks)
+    elapsed = time.monotonic() - started
+    assert [o.output for o in outcomes] == [1, 1, 1, 1]
+    assert elapsed < 1.8  # in parallel, not 4 s
+    assert time.monotonic() - replica.conn.last_heartbeat < 0.5
+
+
+@pytest.mark.parametrize(
+    ("function", "expected"),
+    [
+        ("exit_hard", "exited with code 9"),
+        ("kill_self", "signal 9 (SIGKILL)"),
+        ("segfault", "signal 11 (SIGSEGV)"),
+    ],
+)
+async def test_crash_is_reported_and_replica_keeps_serving(
+    replica: Replica, function: str, expected: str
+):
+    call = await replica.call(function)
+    assert call.outcome.status == "crashed"
+    assert call.outcome.error["type"] == "Crashed"
+    assert expected in call.outcome.error["message"]
+    assert (await replica.call("add", a=1, b=1)).outcome.output == {"sum": 2}
+    assert (await replica.runtime.exit_info(replica.handle)) is None
+
+
+async def test_init_failed(tmp_path_factory):
+    runtime = ProcessRuntime()
+    spec = make_spec(tmp_path_factory.mktemp("broken"), codebase="broken", functions={})
+    with pytest.raises(AgentInitError) as caught:
+        await start_replica(runtime, spec)
+    error = caught.value.error
+    assert error["type"] == "RuntimeError"
+    assert error["message"] == "boom at import"
+    assert "main.py" in error["traceback"]
+
+
+async def test_init_failed_leaves_exit_code_and_output(tmp_path_factory):
+    runtime = ProcessRuntime()
+    spec = make_spec(tmp_path_factory.mktemp("broken"), codebase="broken", functions={})
+    handle = await runtime.start(spec)
+    conn = AgentConnection()
+    await conn.connect(runtime.socket_path(handle), 10)
+    with pytest.raises(AgentInitError):
+        await conn.wait_ready()
+    replica = Replica(runtime, handle, conn, {}, 0)
+    info = await replica.wait_exit()
+    await replica.close()
+    assert info.exit_code == 3
+    assert "importing a module that cannot load" in info.detail
+    assert "boom at import" in info.detail
+
+
+async def test_declared_function_missing_from_module(tmp_path_factory):
+    spec = make_spec(tmp_path_factory.mktemp("missing"), functions={"nope": {}})
+    with pytest.raises(AgentInitError) as caught:
+        await start_replica(ProcessRuntime(), spec)
+    assert caught.value.error["type"] == "AttributeError"
+    assert "'nope'" in caught.value.error["message"]
+
+
+async def test_agent_death_resolves_pending_executions(own_replica: Replica):
+    pids = []
+    task = asyncio.create_task(
+        own_replica.conn.execute(
+            new_id(),
+            "sleep",
+            {"seconds": 30},
+            on_log=lambda stream, text, at: pids.append(int(text.split("pid=")[1])),
+        )
+    )
+    await wait_for(lambda: pids)
+    os.kill(int(own_replica.handle.ref), signal.SIGKILL)
+    outcome = await asyncio.wait_for(task, 2)
+    assert outcome.status == "crashed"
+    assert outcome.error["type"] == "AgentLost"
+    await wait_for(lambda: process_gone(pids[0]), timeout_s=2)  # no orphan left running
+    assert (await own_replica.wait_exit()).exit_code == 128 + signal.SIGKILL
+    later = await own_replica.call("echo", value=1)
+    assert later.outcome.error["type"] == "AgentLost"
+
+
+async def test_agent_exits_when_the_worker_disconnects(own_replica: Replica):
+    pids = []
+    task = asyncio.create_task(
+        own_replica.conn.execute(
+            new_id(),
+            "sleep",
+            {"seconds": 30},
+            on_log=lambda stream, text, at: pids.append(int(text.split("pid=")[1])),
+        )
+    )
+    await wait_for(lambda: pids)
+    own_replica.conn.close()
+    assert (await task).status == "crashed"
+    info = await own_replica.wait_exit(timeout_s=2)
+    assert info.exit_code == 2
+    await wait_for(lambda: process_gone(pids[0]), timeout_s=2)
+
+
+async def test_shutdown(own_replica: Replica):
+    await own_replica.conn.shutdown()
+    assert (await own_replica.wait_exit(timeout_s=2)).exit_code == 0
+    await own_replica.runtime.stop(own_replica.handle)
+    await own_replica.runtime.stop(own_replica.handle)  # idempotent
+
+
+async def test_connect_gives_up_with_a_clear_error(tmp_path):
+    started = time.monotonic()
+    with pytest.raises(AgentStartError, match="did not accept a connection"):
+        await AgentConnection().connect(tmp_path / "agent.sock", timeout_s=0.2)
+    assert time.monotonic() - started < 1.0
+
+
+async def test_socket_path_too_long_is_refused():
+    with pytest.raises(AgentStartError, match="over 107 bytes"):
+        await AgentConnection().connect("/tmp/" + "x" * 120, timeout_s=1)
