@@ -13,7 +13,7 @@ import asyncpg
 from arq.connections import ArqRedis
 from pydantic import Field
 
-from core import queue, states
+from core import events, queue, states
 from core.auth import Principal, Role
 from core.errors import FerryError, Invalid, InvalidTransition, NotFound
 from core.ids import new_id
@@ -335,12 +335,17 @@ async def counters(
     return Counters(**counts, total=sum(counts.values()))
 
 
-async def terminate(pool: asyncpg.Pool, by: Principal, execution_id: str) -> Execution:
+async def terminate(
+    pool: asyncpg.Pool, redis: ArqRedis, by: Principal, execution_id: str
+) -> Execution:
     row = await fetch_execution(pool, by, execution_id)
     by.require(Role.developer, row["project_id"])
     updated = await states.terminate_created(pool, execution_id)
     if updated is None:
         updated = await states.request_termination(pool, execution_id)
+        if updated is not None and updated["status"] == ExecutionStatus.in_progress:
+            # The worker holding it hears this at once; its heartbeat would find it anyway.
+            await redis.publish(events.TERMINATE_CHANNEL, execution_id)
     if updated is None:
         current = await fetch_execution(pool, by, execution_id)
         raise InvalidTransition(f"the execution is {current['status']} already: nothing to terminate")

@@ -45,7 +45,8 @@ _PACKAGE_NAME = re.compile(r"[a-z0-9][a-z0-9-]{0,62}")
 _REQUIREMENT_NAME = re.compile(
     r"^([A-Za-z0-9](?:[A-Za-z0-9._-]*[A-Za-z0-9])?)\s*(\[[A-Za-z0-9._,\s-]*\])?"
 )
-_VERSION_SPEC = re.compile(r"^[\sA-Za-z0-9<>=!~*.,+]*$")
+# Kept as strict as worker/images.py's normalise_requirements, so what uploads also builds.
+_SPECIFIER = re.compile(r"^\s*(?:===|==|!=|~=|<=|>=|<|>)\s*[A-Za-z0-9.*+!_-]+\s*$")
 _ARCHIVE_SUFFIXES = (".whl", ".tar.gz", ".tgz", ".tar.bz2", ".zip")
 
 Loc = tuple[str | int, ...]
@@ -240,7 +241,7 @@ def requirement_problem(line: str) -> str | None:
     if spec.startswith("@"):
         if not re.fullmatch(r"(?:git\+)?https?://\S+", spec[1:].strip()):
             return "only an http(s) URL may follow '@'"
-    elif not _VERSION_SPEC.match(spec) or re.search(r"(^|\s)-", spec):
+    elif spec and not all(_SPECIFIER.match(part) for part in spec.split(",")):
         return "not a version specifier"
     return None
 

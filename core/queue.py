@@ -15,6 +15,9 @@ from arq.jobs import serialize_job
 
 RUN_EXECUTION = "run_execution"  # the arq function name workers register
 QUEUE_PREFIX = "ferry:queue:"
+# Published when a queue goes from empty to non-empty: a service scaled to zero needs a
+# replica now, and workers wake their placement loop instead of waiting for its next tick.
+WAKE_CHANNEL = "ferry:wake"
 # arq drops a job whose key expired before it ran; the reconciler re-enqueues it from
 # PostgreSQL, so this only bounds how long Redis holds a job nobody consumes.
 JOB_EXPIRY_MS = 7 * 24 * 3600 * 1000
@@ -33,8 +36,11 @@ for i = 2, #ARGV, 3 do
     added = added + 1
   end
 end
+if added > 0 and redis.call('ZCARD', queue) == added then
+  redis.call('PUBLISH', '%s', queue)
+end
 return added
-""" % (result_key_prefix, JOB_EXPIRY_MS)
+""" % (result_key_prefix, JOB_EXPIRY_MS, WAKE_CHANNEL)
 
 
 def queue_name(service_id: str) -> str:

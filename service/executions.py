@@ -68,7 +68,9 @@ async def counters(request: web.Request, body, query):
 
 
 async def terminate(request: web.Request, body, query):
-    execution = await executions.terminate(request.app[DB], principal(request), request.match_info["id"])
+    execution = await executions.terminate(
+        request.app[DB], request.app[REDIS], principal(request), request.match_info["id"]
+    )
     return execution, 202
 
 

@@ -1,0 +1,56 @@
+"""Ferry's event stream: every status change, kept in one bounded Redis stream.
+
+Entries are `{type, at, project, resource, resource_id, data}`; the stream id is the
+event id clients resume from (`Last-Event-ID`).
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from redis.asyncio import Redis
+
+from core.models import format_time, utcnow
+
+EVENTS_STREAM = "ferry:events"
+EVENTS_MAXLEN = 100_000  # approximate: trimming whole nodes keeps XADD O(1)
+TERMINATE_CHANNEL = "ferry:terminate"  # pub/sub: execution ids whose termination was asked
+
+
+def event_fields(
+    type_: str, project: str, resource: str, resource_id: str, data: dict[str, Any] | None = None
+) -> dict[str, str]:
+    return {
+        "type": type_,
+        "at": format_time(utcnow()),
+        "project": project,
+        "resource": resource,
+        "resource_id": resource_id,
+        "data": json.dumps(data or {}, default=str),
+    }
+
+
+async def publish(
+    redis: Redis, type_: str, project: str, resource: str, resource_id: str,
+    data: dict[str, Any] | None = None,
+) -> str:
+    event_id = await redis.xadd(
+        EVENTS_STREAM,
+        event_fields(type_, project, resource, resource_id, data),  # type: ignore[arg-type]
+        maxlen=EVENTS_MAXLEN,
+        approximate=True,
+    )
+    return event_id.decode() if isinstance(event_id, bytes) else event_id
+
+
+def execution_event_data(row: Any) -> dict[str, Any]:
+    """The part of an execution row an event carries (no input/output: they may be large)."""
+    return {
+        "service": row["service_id"],
+        "function": row["function"],
+        "status": row["status"],
+        "reason": row["reason"],
+        "attempt": row["attempt"],
+        "trigger": row["trigger_id"],
+    }

@@ -1,0 +1,50 @@
+"""Fixtures' helpers for the execution engine: a worker and a scheduler in this process."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+from typing import Any
+
+from core.settings import Settings
+from scheduler.reconciler import Reconciler
+from worker.host import WorkerHost
+
+
+@contextlib.asynccontextmanager
+async def running_worker(settings: Settings, pool: Any, redis: Any, **overrides: Any
+                         ) -> AsyncIterator[WorkerHost]:
+    host = WorkerHost(settings.model_copy(update=overrides), pool, redis)
+    stop = asyncio.Event()
+    task = asyncio.create_task(host.run(stop))
+    try:
+        yield host
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 60)
+
+
+@contextlib.asynccontextmanager
+async def running_reconciler(pool: Any, redis: Any, interval_s: float = 0.2
+                             ) -> AsyncIterator[Reconciler]:
+    reconciler = Reconciler(pool, redis)
+
+    async def loop() -> None:
+        while True:
+            await reconciler.run_once()
+            await asyncio.sleep(interval_s)
+
+    task = asyncio.create_task(loop())
+    try:
+        yield reconciler
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+
+async def wait_for_status(api: Any, execution_id: str, timeout_s: float = 60) -> dict:
+    status, body = await api.get(f"/api/v1/executions/{execution_id}/wait?timeout={timeout_s}")
+    assert status == 200, body
+    return body
