@@ -91,6 +91,17 @@ def test_dump_shows_defaults_only_where_declared_and_round_trips():
     assert parse_manifest(manifest.model_dump_json().encode(), "stored") == manifest
 
 
+def test_pep508_requirements_are_accepted():
+    lines = [
+        "numpy",
+        "numpy >= 1.2, <2",
+        'requests[socks]==2.32.3 ; python_version >= "3.11"',
+        "pkg @ https://example.com/pkg-1.0-py3-none-any.whl",
+        "tool @ git+https://example.com/tool.git",
+    ]
+    assert parse_manifest(_set("requirements", lines), "ferry.yaml").requirements == lines
+
+
 def test_bytes_with_bom_and_json_text_parse():
     assert (
         parse_manifest(b"\xef\xbb\xbf" + API_EXAMPLE.encode(), "ferry.yaml").name == "image-tools"
@@ -137,6 +148,9 @@ BAD_FIELDS = [
     ("requirements", ["numpy\n--index-url x"], "manifest.requirements[0]", "single line"),
     ("requirements", ["./local/path"], "manifest.requirements[0]", "not a package name"),
     ("requirements", ["pkg @ file:///etc"], "manifest.requirements[0]", "http(s) URL"),
+    ("requirements", ["numpy>=1 --index-url x"], "manifest.requirements[0]", "version specifier"),
+    ("requirements", ["numpy 1.2"], "manifest.requirements[0]", "not a version specifier"),
+    ("requirements", [""], "manifest.requirements[0]", "empty requirement"),
     ("requirements", "numpy", "manifest.requirements", "expected a list, got string"),
     ("modules", [], "manifest.modules", "must not be empty"),
     ("modules.0.name", "2main", "manifest.modules[0].name", "Python identifier"),
