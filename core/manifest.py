@@ -14,7 +14,7 @@ import json
 import keyword
 import math
 import re
-from collections.abc import Collection, Iterable, Sequence
+from collections.abc import Callable, Collection, Iterable, Sequence
 from typing import Annotated, Any
 
 import yaml
@@ -373,18 +373,21 @@ def type_problems(param_type: str, value: Any) -> list[tuple[str, str]]:
         return problems
     if param_type == "json":
         return _json_problems(value)
-    fits = {
-        "string": lambda v: isinstance(v, str),
-        "integer": lambda v: isinstance(v, int) and not isinstance(v, bool),
-        "number": lambda v: (
-            (isinstance(v, int) and not isinstance(v, bool))
-            or (isinstance(v, float) and math.isfinite(v))
-        ),
-        "boolean": lambda v: isinstance(v, bool),
-    }[param_type]
+    fits = _SCALAR_FITS[param_type]
     if fits(value):
         return []
     return [("", f"expected {param_type}, got {json_type_name(value)}")]
+
+
+_SCALAR_FITS: dict[str, Callable[[Any], bool]] = {
+    "string": lambda v: isinstance(v, str),
+    "integer": lambda v: isinstance(v, int) and not isinstance(v, bool),
+    "number": lambda v: (
+        (isinstance(v, int) and not isinstance(v, bool))
+        or (isinstance(v, float) and math.isfinite(v))
+    ),
+    "boolean": lambda v: isinstance(v, bool),
+}
 
 
 def json_type_name(value: Any) -> str:
