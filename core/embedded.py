@@ -27,6 +27,12 @@ class EmbeddedPostgres:
 
     def start(self) -> str:
         """Start (or attach to) the server; returns a DSN for the `ferry` database."""
+        # pgserver keeps a lock file in the user's runtime dir; give it one where none is set.
+        runtime_dir = self.data_dir.parent / "runtime"
+        if not os.environ.get("XDG_RUNTIME_DIR"):
+            runtime_dir.mkdir(parents=True, exist_ok=True)
+            os.environ["XDG_RUNTIME_DIR"] = str(runtime_dir)
+        logging.getLogger("pgserver").setLevel(logging.WARNING)  # it narrates every command
         import pgserver  # imported late: it is heavy and only the embedded path needs it
 
         self.data_dir.mkdir(parents=True, exist_ok=True)
