@@ -149,7 +149,12 @@ async def create_token(
 
 
 async def list_tokens(
-    conn: asyncpg.Pool, by: Principal, *, project: str | None, cursor: str | None, limit: int,
+    conn: asyncpg.Pool,
+    by: Principal,
+    *,
+    project: str | None,
+    cursor: str | None,
+    limit: int,
     order: Order,
 ) -> dict:
     by.require(Role.owner)

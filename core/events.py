@@ -32,7 +32,11 @@ def event_fields(
 
 
 async def publish(
-    redis: Redis, type_: str, project: str, resource: str, resource_id: str,
+    redis: Redis,
+    type_: str,
+    project: str,
+    resource: str,
+    resource_id: str,
     data: dict[str, Any] | None = None,
 ) -> str:
     event_id = await redis.xadd(

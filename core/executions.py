@@ -17,11 +17,10 @@ from core import events, queue, states
 from core.auth import Principal, Role
 from core.errors import FerryError, Invalid, InvalidTransition, NotFound
 from core.ids import new_id
-from core.manifest import validate_inputs
+from core.manifest import find_function, validate_inputs
 from core.models import Model, Request, Timestamp, status_entry
 from core.packages import load_manifest
 from core.pagination import Keyset, Order, page_of
-from core.services import find_module
 from core.states import ExecutionStatus, Reason
 
 log_prefix = "executions"
@@ -145,10 +144,14 @@ _INSERT = """
 
 
 async def _prepare(
-    conn: asyncpg.Connection, by: Principal | None, body: ExecutionCreate, field: str,
+    conn: asyncpg.Connection,
+    by: Principal | None,
+    body: ExecutionCreate,
+    field: str,
     services: dict[str, asyncpg.Record],
-) -> tuple[asyncpg.Record, dict[str, Any]]:
-    """Check one request against its service and function; returns (service row, full input)."""
+) -> tuple[asyncpg.Record, dict[str, Any], int | None]:
+    """Check one request against its service and function: (service row, full input, the
+    function's own timeout)."""
     service = services.get(body.service)
     if service is None:
         service = await conn.fetchrow(
@@ -162,13 +165,9 @@ async def _prepare(
             by.require(Role.developer, service["project_id"])
         services[body.service] = service
     manifest = await load_manifest(conn, service["package_id"], service["package_revision"])
-    module = find_module(manifest, service["module"])
-    function = next((f for f in module.functions if f.name == body.function), None)
-    if function is None:
-        names = ", ".join(f.name for f in module.functions)
-        raise Invalid.field(f"{field}function", f"no function {body.function!r} (has: {names})")
+    function = find_function(manifest, service["module"], body.function, field=f"{field}function")
     full_input = validate_inputs(function, body.input, field_prefix=f"{field}input")
-    return service, full_input
+    return service, full_input, function.timeout_s
 
 
 async def create_executions(
@@ -192,7 +191,9 @@ async def create_executions(
     """
     if conn is None:
         async with pool.acquire() as own, own.transaction():
-            results = await _insert(own, by, bodies, batch, trigger_id, fire_time, event_id, rerun_of)
+            results = await _insert(
+                own, by, bodies, batch, trigger_id, fire_time, event_id, rerun_of
+            )
     else:  # the caller's transaction (a trigger firing): it enqueues after its commit
         results = await _insert(conn, by, bodies, batch, trigger_id, fire_time, event_id, rerun_of)
     if redis is not None and conn is None:
@@ -215,8 +216,14 @@ async def enqueue_created(redis: ArqRedis, executions: list[Execution]) -> None:
 
 
 async def _insert(
-    conn: asyncpg.Connection, by: Principal | None, bodies: list[ExecutionCreate], batch: bool,
-    trigger_id: str | None, fire_time: datetime | None, event_id: str | None, rerun_of: str | None,
+    conn: asyncpg.Connection,
+    by: Principal | None,
+    bodies: list[ExecutionCreate],
+    batch: bool,
+    trigger_id: str | None,
+    fire_time: datetime | None,
+    event_id: str | None,
+    rerun_of: str | None,
 ) -> list[tuple[Execution, bool]]:
     services: dict[str, asyncpg.Record] = {}
     details: list[dict[str, Any]] = []
@@ -224,7 +231,9 @@ async def _insert(
     for index, body in enumerate(bodies):
         field = f"executions[{index}]." if batch else ""
         try:
-            service, full_input = await _prepare(conn, by, body, field, services)
+            service, full_input, function_timeout_s = await _prepare(
+                conn, by, body, field, services
+            )
         except Invalid as exc:
             details.extend(exc.details)
             continue
@@ -237,7 +246,8 @@ async def _insert(
             body.function,
             full_input,
             body.max_attempts or service["max_attempts"],
-            body.timeout_s or service["execution_timeout_s"],
+            # The request's timeout, else the function's (manifest), else the service's.
+            body.timeout_s or function_timeout_s or service["execution_timeout_s"],
             body.idempotency_key,
             trigger_id,
             fire_time,
@@ -286,7 +296,12 @@ async def get_execution(pool: asyncpg.Pool, by: Principal, execution_id: str) ->
 
 
 async def list_executions(
-    pool: asyncpg.Pool, by: Principal, *, filters: dict[str, Any], cursor: str | None, limit: int,
+    pool: asyncpg.Pool,
+    by: Principal,
+    *,
+    filters: dict[str, Any],
+    cursor: str | None,
+    limit: int,
     order: Order,
 ) -> dict:
     query = Keyset()
@@ -348,13 +363,13 @@ async def terminate(
             await redis.publish(events.TERMINATE_CHANNEL, execution_id)
     if updated is None:
         current = await fetch_execution(pool, by, execution_id)
-        raise InvalidTransition(f"the execution is {current['status']} already: nothing to terminate")
+        raise InvalidTransition(
+            f"the execution is {current['status']} already: nothing to terminate"
+        )
     return execution_from_row(updated)
 
 
-async def rerun(
-    pool: asyncpg.Pool, redis: ArqRedis, by: Principal, execution_id: str
-) -> Execution:
+async def rerun(pool: asyncpg.Pool, redis: ArqRedis, by: Principal, execution_id: str) -> Execution:
     row = await fetch_execution(pool, by, execution_id)
     body = ExecutionCreate(service=row["service_id"], function=row["function"], input=row["input"])
     [(execution, _)] = await create_executions(pool, redis, by, [body], rerun_of=execution_id)

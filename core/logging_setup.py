@@ -39,8 +39,9 @@ def setup_logging(settings: Settings, process: str) -> None:
         handler.setFormatter(JsonFormatter())
     else:
         handler.setFormatter(
-            logging.Formatter(f"%(asctime)s {process:<9} %(levelname)-7s %(name)s: %(message)s",
-                              "%H:%M:%S")
+            logging.Formatter(
+                f"%(asctime)s {process:<9} %(levelname)-7s %(name)s: %(message)s", "%H:%M:%S"
+            )
         )
     root = logging.getLogger()
     root.handlers[:] = [handler]

@@ -10,7 +10,9 @@ from pydantic import BaseModel, ConfigDict, PlainSerializer
 
 def format_time(value: datetime) -> str:
     """ISO-8601 UTC with milliseconds and a Z, as API.md specifies."""
-    return value.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.") + f"{value.microsecond // 1000:03d}Z"
+    return (
+        value.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.") + f"{value.microsecond // 1000:03d}Z"
+    )
 
 
 Timestamp = Annotated[datetime, PlainSerializer(format_time, return_type=str, when_used="json")]

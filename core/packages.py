@@ -14,7 +14,7 @@ from core.archives import inspect_archive
 from core.auth import Principal, Role
 from core.errors import Conflict, Invalid, NotFound
 from core.ids import new_id
-from core.manifest import Manifest, parse_manifest
+from core.manifest import Manifest, check_entry_points, parse_manifest
 from core.models import Model, Timestamp
 from core.pagination import Keyset, Order, page_of
 from core.settings import Settings
@@ -92,24 +92,16 @@ def read_upload(
         raise Invalid.field(
             "manifest", "no manifest: send a `manifest` field or put ferry.yaml at the archive root"
         )
-    missing = [
-        (index, module.entry_point)
-        for index, module in enumerate(manifest.modules)
-        if module.entry_point not in info.files
-    ]
-    if missing:
-        raise Invalid(
-            "entry points missing from the codebase",
-            [
-                {"field": f"manifest.modules[{i}].entry_point", "message": f"{path} is not in the archive"}
-                for i, path in missing
-            ],
-        )
+    check_entry_points(manifest, info.files)
     return manifest, info
 
 
 async def _store_revision(
-    conn: asyncpg.Connection, package_id: str, revision: int, manifest: Manifest, info: Any,
+    conn: asyncpg.Connection,
+    package_id: str,
+    revision: int,
+    manifest: Manifest,
+    info: Any,
     codebase: bytes,
 ) -> None:
     await conn.execute(
@@ -131,7 +123,12 @@ async def _store_revision(
 
 
 async def create_package(
-    pool: asyncpg.Pool, by: Principal, project_id: str, manifest: Manifest, info: Any, codebase: bytes
+    pool: asyncpg.Pool,
+    by: Principal,
+    project_id: str,
+    manifest: Manifest,
+    info: Any,
+    codebase: bytes,
 ) -> Package:
     by.require(Role.developer, project_id)
     async with pool.acquire() as conn, conn.transaction():
@@ -157,7 +154,12 @@ async def create_package(
 
 
 async def add_revision(
-    pool: asyncpg.Pool, by: Principal, package_id: str, manifest: Manifest, info: Any, codebase: bytes
+    pool: asyncpg.Pool,
+    by: Principal,
+    package_id: str,
+    manifest: Manifest,
+    info: Any,
+    codebase: bytes,
 ) -> Package:
     async with pool.acquire() as conn, conn.transaction():
         current = await conn.fetchrow(
@@ -194,7 +196,9 @@ async def get_package(
     )
     if row is None or not by.can_see(row["project_id"]):
         if revision is not None and row is None:
-            exists = await pool.fetchrow("SELECT project_id FROM packages WHERE id = $1", package_id)
+            exists = await pool.fetchrow(
+                "SELECT project_id FROM packages WHERE id = $1", package_id
+            )
             if exists and by.can_see(exists["project_id"]):
                 raise NotFound(f"package has no revision {revision}")
         raise NotFound("package not found")
@@ -202,8 +206,14 @@ async def get_package(
 
 
 async def list_packages(
-    pool: asyncpg.Pool, by: Principal, *, project: str | None, name: str | None,
-    cursor: str | None, limit: int, order: Order,
+    pool: asyncpg.Pool,
+    by: Principal,
+    *,
+    project: str | None,
+    name: str | None,
+    cursor: str | None,
+    limit: int,
+    order: Order,
 ) -> dict:
     query = Keyset()
     query.where("r.revision = p.latest_revision")

@@ -61,7 +61,9 @@ async def list_projects(
     query = Keyset()
     if not by.is_admin:
         query.where("id = {}", by.project_id)
-    rows = await conn.fetch(f"SELECT * FROM projects {query.tail(cursor, order, limit)}", *query.args)
+    rows = await conn.fetch(
+        f"SELECT * FROM projects {query.tail(cursor, order, limit)}", *query.args
+    )
     return page_of(rows, limit, lambda r: Project.model_validate(dict(r)))
 
 

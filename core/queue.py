@@ -40,7 +40,7 @@ if added > 0 and redis.call('ZCARD', queue) == added then
   redis.call('PUBLISH', '%s', queue)
 end
 return added
-""" % (result_key_prefix, JOB_EXPIRY_MS, WAKE_CHANNEL)
+""" % (result_key_prefix, JOB_EXPIRY_MS, WAKE_CHANNEL)  # noqa: UP031 - Lua has no braces to escape
 
 
 def queue_name(service_id: str) -> str:

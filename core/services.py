@@ -11,7 +11,7 @@ from pydantic import Field, field_validator, model_validator
 from core.auth import Principal, Role
 from core.errors import Conflict, Invalid, NotFound
 from core.ids import new_id
-from core.manifest import FunctionSpec, Manifest, validate_inputs
+from core.manifest import FunctionSpec, Manifest, find_module, validate_inputs
 from core.models import Model, Request, Timestamp
 from core.packages import load_manifest
 from core.pagination import Keyset, Order, page_of
@@ -157,14 +157,6 @@ def init_spec(manifest: Manifest, module_name: str) -> FunctionSpec:
     return FunctionSpec(name="init", inputs=module.init_inputs)
 
 
-def find_module(manifest: Manifest, module_name: str) -> Any:
-    for module in manifest.modules:
-        if module.name == module_name:
-            return module
-    names = ", ".join(m.name for m in manifest.modules)
-    raise Invalid.field("module", f"the package has no module {module_name!r} (it has: {names})")
-
-
 async def _resolve_revision(
     conn: asyncpg.Connection, project_id: str, package_id: str, revision: int | None
 ) -> tuple[int, Manifest]:
@@ -233,8 +225,15 @@ async def get_service(pool: asyncpg.Pool, by: Principal, service_id: str) -> Ser
 
 
 async def list_services(
-    pool: asyncpg.Pool, by: Principal, *, project: str | None, package: str | None,
-    status: str | None, cursor: str | None, limit: int, order: Order,
+    pool: asyncpg.Pool,
+    by: Principal,
+    *,
+    project: str | None,
+    package: str | None,
+    status: str | None,
+    cursor: str | None,
+    limit: int,
+    order: Order,
 ) -> dict:
     query = Keyset()
     project = by.project_filter(project)
@@ -246,7 +245,9 @@ async def list_services(
         if status not in ("active", "paused"):
             raise Invalid.field("status", "one of active, paused")
         query.where("status = {}", status)
-    rows = await pool.fetch(f"SELECT * FROM services {query.tail(cursor, order, limit)}", *query.args)
+    rows = await pool.fetch(
+        f"SELECT * FROM services {query.tail(cursor, order, limit)}", *query.args
+    )
     return page_of(rows, limit, service_from_row)
 
 
@@ -264,7 +265,9 @@ async def update_service(
         by.require(Role.developer, row["project_id"])
         changes = body.model_dump(exclude_unset=True)
         revision, manifest = await _resolve_revision(
-            conn, row["project_id"], row["package_id"],
+            conn,
+            row["project_id"],
+            row["package_id"],
             changes.get("package_revision", row["package_revision"]),
         )
         module = changes.get("module", row["module"])
@@ -309,7 +312,9 @@ async def update_service(
                 1 if rolling else 0,
             )
         except asyncpg.UniqueViolationError:
-            raise Conflict(f"a service named {changes.get('name')!r} exists in this project") from None
+            raise Conflict(
+                f"a service named {changes.get('name')!r} exists in this project"
+            ) from None
     return service_from_row(updated)
 
 

@@ -84,7 +84,10 @@ async def claim(
 
 
 async def renew_leases(
-    conn: asyncpg.Connection | asyncpg.Pool, worker_id: str, execution_ids: list[str], lease_s: float
+    conn: asyncpg.Connection | asyncpg.Pool,
+    worker_id: str,
+    execution_ids: list[str],
+    lease_s: float,
 ) -> list[str]:
     """Extend this worker's leases; returns the ids it still holds (others were taken back)."""
     if not execution_ids:
@@ -129,7 +132,11 @@ async def finish(
             reason.value if reason else None,
             output,
             error,
-            _log(status.value, message or (error or {}).get("message"), reason=reason and reason.value),
+            _log(
+                status.value,
+                message or (error or {}).get("message"),
+                reason=reason and reason.value,
+            ),
         )
         await _close_attempt(conn, execution_id, attempt, status.value, reason, error)
         if row is not None:
@@ -224,8 +231,12 @@ async def expired_leases(conn: asyncpg.Connection | asyncpg.Pool, limit: int = 5
 
 
 async def _close_attempt(
-    conn: asyncpg.Connection, execution_id: str, attempt: int, status: str,
-    reason: Reason | None, error: dict[str, Any] | None,
+    conn: asyncpg.Connection,
+    execution_id: str,
+    attempt: int,
+    status: str,
+    reason: Reason | None,
+    error: dict[str, Any] | None,
 ) -> None:
     await conn.execute(
         """UPDATE execution_attempts SET status = $3, reason = $4, error = $5,

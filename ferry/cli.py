@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 from rich.console import Console
@@ -97,7 +97,7 @@ def migrate() -> None:
 def token_create(
     name: Annotated[str, typer.Option(help="a label to tell the token apart")] = "cli",
     role: Annotated[str, typer.Option(help="admin, owner, developer or viewer")] = "admin",
-    project: Annotated[Optional[str], typer.Option(help="project id (not for admin)")] = None,  # noqa: UP007
+    project: Annotated[str | None, typer.Option(help="project id (not for admin)")] = None,
     save: Annotated[bool, typer.Option(help="write it to the CLI config file")] = False,
 ) -> None:
     """Create a token directly in the database and print its secret (shown once)."""
@@ -130,8 +130,8 @@ def token_create(
 
 @image_app.command("build")
 def image_build(
-    tag: Annotated[Optional[str], typer.Option(help="image tag")] = None,  # noqa: UP007
-    mirror: Annotated[Optional[str], typer.Option(help="Debian mirror URL")] = None,  # noqa: UP007
+    tag: Annotated[str | None, typer.Option(help="image tag")] = None,
+    mirror: Annotated[str | None, typer.Option(help="Debian mirror URL")] = None,
     force: Annotated[bool, typer.Option(help="rebuild even if the image exists")] = False,
 ) -> None:
     """Build the default runner image offline (Debian root filesystem + docker import)."""

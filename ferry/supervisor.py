@@ -89,8 +89,12 @@ def run_up(settings: Settings) -> int:
     signal.signal(signal.SIGTERM, request_stop)
     try:
         asyncio.run(_bootstrap(dsn, url, console))
-        env = {**os.environ, "FERRY_DATABASE_URL": dsn, "FERRY_REDIS_URL": redis_url,
-               "FERRY_DATA_DIR": str(settings.data_dir)}
+        env = {
+            **os.environ,
+            "FERRY_DATABASE_URL": dsn,
+            "FERRY_REDIS_URL": redis_url,
+            "FERRY_DATA_DIR": str(settings.data_dir),
+        }
         children = [Child(role, _spawn(role, env)) for role in ROLES]
         if not _wait_ready(url, children):
             console.print("[red]✗ Ferry did not become ready; see the messages above[/]")

@@ -57,10 +57,16 @@ class Reconciler:
             report.leases_expired += 1
             async with self.pool.acquire() as conn:
                 updated = await states.hand_back(
-                    conn, row["id"], row["attempt"], reason=Reason.lost,
+                    conn,
+                    row["id"],
+                    row["attempt"],
+                    reason=Reason.lost,
                     retry=row["on_reset"] == "rerun",
-                    error={"type": "WorkerLost", "traceback": None,
-                           "message": f"worker {row['worker_id']} stopped renewing its lease"},
+                    error={
+                        "type": "WorkerLost",
+                        "traceback": None,
+                        "message": f"worker {row['worker_id']} stopped renewing its lease",
+                    },
                 )
             if updated is None:
                 continue
@@ -69,17 +75,31 @@ class Reconciler:
                 # The dead worker's arq job may still look "in progress": drop it, queue anew.
                 await queue.forget_job(self.redis, row["service_id"], row["id"])
                 await queue.enqueue_execution(self.redis, row["service_id"], row["id"])
-                await events.publish(self.redis, "execution.retrying", updated["project_id"],
-                                     "execution", row["id"], events.execution_event_data(updated))
+                await events.publish(
+                    self.redis,
+                    "execution.retrying",
+                    updated["project_id"],
+                    "execution",
+                    row["id"],
+                    events.execution_event_data(updated),
+                )
             else:
                 report.failed += 1
-                await events.publish(self.redis, "execution.failed", updated["project_id"],
-                                     "execution", row["id"], events.execution_event_data(updated))
+                await events.publish(
+                    self.redis,
+                    "execution.failed",
+                    updated["project_id"],
+                    "execution",
+                    row["id"],
+                    events.execution_event_data(updated),
+                )
 
     async def _forget_dead_workers(self, report: RoundReport) -> None:
         dead = await self.pool.fetch(
             """DELETE FROM workers WHERE heartbeat_at < now() - make_interval(secs => $1)
-               RETURNING id, host""", WORKER_DEAD_AFTER_S)
+               RETURNING id, host""",
+            WORKER_DEAD_AFTER_S,
+        )
         if not dead:
             return
         ids = [w["id"] for w in dead]
@@ -89,7 +109,8 @@ class Reconciler:
             """UPDATE replicas SET status = 'failed', message = 'its worker stopped heartbeating',
                    stopped_at = now(), updated_at = now()
                WHERE worker_id = ANY($1::text[]) AND status IN ('starting', 'ready', 'draining')""",
-            ids)
+            ids,
+        )
 
     async def _requeue_missing(self, report: RoundReport) -> None:
         # Replicas whose worker row vanished without a heartbeat gap (a clean delete) are
@@ -100,14 +121,17 @@ class Reconciler:
                WHERE status IN ('starting', 'ready', 'draining')
                  AND updated_at < now() - make_interval(secs => $1)
                  AND NOT EXISTS (SELECT 1 FROM workers w WHERE w.id = replicas.worker_id)""",
-            WORKER_DEAD_AFTER_S)
+            WORKER_DEAD_AFTER_S,
+        )
         rows = await self.pool.fetch(
             """SELECT id, service_id FROM executions
                WHERE ((status = 'created' AND created_at < clock_timestamp() - make_interval(secs => $1))
                    OR (status = 'in-progress' AND lease_until IS NULL
                        AND updated_at < clock_timestamp() - make_interval(secs => $1)))
                ORDER BY created_at LIMIT $2""",
-            REQUEUE_GRACE_S, SCAN_BATCH)
+            REQUEUE_GRACE_S,
+            SCAN_BATCH,
+        )
         if not rows:
             return
         async with self.redis.pipeline(transaction=False) as pipe:

@@ -34,13 +34,19 @@ async def create_batch(request: web.Request, body, query):
 async def list_executions(request: web.Request, body, query):
     filters = query.model_dump(exclude={"limit", "cursor", "order"})
     return await executions.list_executions(
-        request.app[DB], principal(request), filters=filters, cursor=query.cursor,
-        limit=query.limit, order=query.order,
+        request.app[DB],
+        principal(request),
+        filters=filters,
+        cursor=query.cursor,
+        limit=query.limit,
+        order=query.order,
     )
 
 
 async def get_execution(request: web.Request, body, query):
-    return await executions.get_execution(request.app[DB], principal(request), request.match_info["id"])
+    return await executions.get_execution(
+        request.app[DB], principal(request), request.match_info["id"]
+    )
 
 
 async def wait_execution(request: web.Request, body, query):
@@ -49,13 +55,17 @@ async def wait_execution(request: web.Request, body, query):
     waiters = request.app[WAITERS]
     future = waiters.register(execution_id)
     try:
-        execution = await executions.get_execution(request.app[DB], principal(request), execution_id)
+        execution = await executions.get_execution(
+            request.app[DB], principal(request), execution_id
+        )
         if execution.status not in TERMINAL and query.timeout > 0:
             try:
                 await asyncio.wait_for(asyncio.shield(future), query.timeout)
             except TimeoutError:
                 pass
-            execution = await executions.get_execution(request.app[DB], principal(request), execution_id)
+            execution = await executions.get_execution(
+                request.app[DB], principal(request), execution_id
+            )
     finally:
         waiters.discard(execution_id, future)
     return execution
@@ -92,6 +102,9 @@ async def list_logs(request: web.Request, body, query):
     except ValueError:
         raise Invalid.field("cursor", "the seq of the last line seen, a whole number") from None
     return await executions.list_logs(
-        request.app[DB], principal(request), request.match_info["id"], after_seq=after,
+        request.app[DB],
+        principal(request),
+        request.match_info["id"],
+        after_seq=after,
         limit=query.limit,
     )

@@ -151,7 +151,9 @@ async def principal_of(request: web.Request) -> Principal:
 
 
 def error_response(error: FerryError, request_id: str) -> web.Response:
-    return web.json_response(error.to_json(), status=error.status, headers={"X-Request-Id": request_id})
+    return web.json_response(
+        error.to_json(), status=error.status, headers={"X-Request-Id": request_id}
+    )
 
 
 _HTTP_CODES = {400: "bad_request", 404: "not_found", 405: "method_not_allowed", 413: "too_large"}
@@ -178,8 +180,12 @@ async def errors_middleware(request: web.Request, handler: Handler) -> web.Strea
         if exc.status == 405:
             error.message = f"{request.method} is not allowed on {request.path}"
         return error_response(error, request_id)
-    except (asyncpg.PostgresConnectionError, asyncpg.ConnectionDoesNotExistError, OSError,
-            redis.exceptions.ConnectionError) as exc:
+    except (
+        asyncpg.PostgresConnectionError,
+        asyncpg.ConnectionDoesNotExistError,
+        OSError,
+        redis.exceptions.ConnectionError,
+    ) as exc:
         log.warning("dependency unavailable", extra={"request_id": request_id, "error": str(exc)})
         return error_response(Unavailable("a dependency is unavailable; retry shortly"), request_id)
     except asyncpg.DataError as exc:

@@ -38,10 +38,18 @@ _ERROR_SCHEMA = {
 }
 
 _STATUS_TEXT = {
-    200: "OK", 201: "Created", 202: "Accepted", 204: "No Content", 400: "Malformed request",
-    401: "Missing or invalid token", 403: "The token's role may not do this",
-    404: "Not found (or not visible to this token)", 409: "Conflict", 413: "Too large",
-    422: "Invalid: details name each offending field", 503: "A dependency is unavailable",
+    200: "OK",
+    201: "Created",
+    202: "Accepted",
+    204: "No Content",
+    400: "Malformed request",
+    401: "Missing or invalid token",
+    403: "The token's role may not do this",
+    404: "Not found (or not visible to this token)",
+    409: "Conflict",
+    413: "Too large",
+    422: "Invalid: details name each offending field",
+    503: "A dependency is unavailable",
 }
 
 
@@ -53,7 +61,7 @@ class _Schemas:
         schema = TypeAdapter(annotation).json_schema(ref_template=REF, mode=mode)  # type: ignore[arg-type]
         self.components.update(schema.pop("$defs", {}))
         if isinstance(annotation, type) and issubclass(annotation, BaseModel) and "title" in schema:
-            name = annotation.__name__
+            name = re.sub(r"[^A-Za-z0-9._-]", "_", annotation.__name__)  # Page[X] -> Page_X_
             self.components[name] = schema
             return {"$ref": REF.format(model=name)}
         return schema
@@ -64,7 +72,8 @@ def build_openapi(routes: list[Route], version: str) -> dict[str, Any]:
     paths: dict[str, dict[str, Any]] = {}
     for route in routes:
         operation: dict[str, Any] = {
-            "operationId": route.handler.__name__ if route.tag == "health"
+            "operationId": route.handler.__name__
+            if route.tag == "health"
             else f"{route.tag}_{route.handler.__name__}",
             "summary": route.summary,
             "tags": [route.tag],
@@ -91,7 +100,9 @@ def build_openapi(routes: list[Route], version: str) -> dict[str, Any]:
         if route.form is not None:
             operation["requestBody"] = {
                 "required": True,
-                "content": {"multipart/form-data": {"schema": schemas.of(route.form, "validation")}},
+                "content": {
+                    "multipart/form-data": {"schema": schemas.of(route.form, "validation")}
+                },
             }
         success: dict[str, Any] = {"description": _STATUS_TEXT.get(route.status, "OK")}
         if route.response is not None:

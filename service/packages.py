@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 from aiohttp import BodyPartReader, web
 from pydantic import BaseModel, Field
 
@@ -29,7 +31,9 @@ async def _read_upload(request: web.Request) -> tuple[dict[str, str], bytes, str
     if request.content_length is not None and request.content_length > cap + 64 * 1024:
         raise TooLarge(f"uploads are limited to {settings.max_upload_mb} MB")
     if not request.content_type.startswith("multipart/"):
-        raise BadRequest("send multipart/form-data with `project`, `codebase` and optional `manifest`")
+        raise BadRequest(
+            "send multipart/form-data with `project`, `codebase` and optional `manifest`"
+        )
     fields: dict[str, str] = {}
     codebase: bytes | None = None
     filename: str | None = None
@@ -60,8 +64,9 @@ async def create_package(request: web.Request, body, query):
     fields, codebase, filename = await _read_upload(request)
     if not fields.get("project"):
         raise Invalid.field("project", "missing: the id of the project the package belongs to")
-    manifest, info = packages.read_upload(
-        request.app[SETTINGS], codebase, filename, fields.get("manifest")
+    # Inspecting an archive decompresses up to the unpacked cap: off the event loop.
+    manifest, info = await asyncio.to_thread(
+        packages.read_upload, request.app[SETTINGS], codebase, filename, fields.get("manifest")
     )
     return await packages.create_package(
         request.app[DB], principal(request), fields["project"], manifest, info, codebase
@@ -72,8 +77,8 @@ async def add_revision(request: web.Request, body, query):
     # Look the package up first so a hidden one is 404 before its upload is parsed.
     await packages.get_package(request.app[DB], principal(request), request.match_info["id"])
     fields, codebase, filename = await _read_upload(request)
-    manifest, info = packages.read_upload(
-        request.app[SETTINGS], codebase, filename, fields.get("manifest")
+    manifest, info = await asyncio.to_thread(
+        packages.read_upload, request.app[SETTINGS], codebase, filename, fields.get("manifest")
     )
     return await packages.add_revision(
         request.app[DB], principal(request), request.match_info["id"], manifest, info, codebase
@@ -82,8 +87,13 @@ async def add_revision(request: web.Request, body, query):
 
 async def list_packages(request: web.Request, body, query):
     return await packages.list_packages(
-        request.app[DB], principal(request), project=query.project, name=query.name,
-        cursor=query.cursor, limit=query.limit, order=query.order,
+        request.app[DB],
+        principal(request),
+        project=query.project,
+        name=query.name,
+        cursor=query.cursor,
+        limit=query.limit,
+        order=query.order,
     )
 
 
@@ -94,7 +104,9 @@ async def get_package(request: web.Request, body, query):
 
 
 async def list_revisions(request: web.Request, body, query):
-    return await packages.list_revisions(request.app[DB], principal(request), request.match_info["id"])
+    return await packages.list_revisions(
+        request.app[DB], principal(request), request.match_info["id"]
+    )
 
 
 async def download_codebase(request: web.Request, body, query):

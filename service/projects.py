@@ -15,7 +15,11 @@ async def create_project(request: web.Request, body, query):
 
 async def list_projects(request: web.Request, body, query):
     return await projects.list_projects(
-        request.app[DB], principal(request), cursor=query.cursor, limit=query.limit, order=query.order
+        request.app[DB],
+        principal(request),
+        cursor=query.cursor,
+        limit=query.limit,
+        order=query.order,
     )
 
 
@@ -39,8 +43,12 @@ async def create_token(request: web.Request, body, query):
 
 async def list_tokens(request: web.Request, body, query):
     return await auth.list_tokens(
-        request.app[DB], principal(request), project=query.project, cursor=query.cursor,
-        limit=query.limit, order=query.order,
+        request.app[DB],
+        principal(request),
+        project=query.project,
+        cursor=query.cursor,
+        limit=query.limit,
+        order=query.order,
     )
 
 

@@ -11,13 +11,21 @@ from service.keys import DB, REDIS, SECRETS
 
 
 async def create_service(request: web.Request, body, query):
-    return await services.create_service(request.app[DB], request.app[SECRETS], principal(request), body)
+    return await services.create_service(
+        request.app[DB], request.app[SECRETS], principal(request), body
+    )
 
 
 async def list_services(request: web.Request, body, query):
     return await services.list_services(
-        request.app[DB], principal(request), project=query.project, package=query.package,
-        status=query.status, cursor=query.cursor, limit=query.limit, order=query.order,
+        request.app[DB],
+        principal(request),
+        project=query.project,
+        package=query.package,
+        status=query.status,
+        cursor=query.cursor,
+        limit=query.limit,
+        order=query.order,
     )
 
 

@@ -75,9 +75,7 @@ async def redis(settings: Settings):
 @pytest.fixture(autouse=True)
 async def clean(request, pool, redis):
     """Every test starts from empty tables and an empty Redis."""
-    tables = await pool.fetch(
-        "SELECT tablename FROM pg_tables WHERE schemaname = 'public'"
-    )
+    tables = await pool.fetch("SELECT tablename FROM pg_tables WHERE schemaname = 'public'")
     names = [f'"{t["tablename"]}"' for t in tables if t["tablename"] not in _TABLES_KEPT]
     if names:
         await pool.execute(f"TRUNCATE {', '.join(names)} CASCADE")
@@ -129,14 +127,23 @@ class Api:
     async def delete(self, path: str, **kwargs: Any):
         return await self.call("DELETE", path, **kwargs)
 
-    async def upload(self, project: str | None, archive: bytes, *, filename: str = "code.zip",
-                     manifest: Any = None, path: str = "/api/v1/packages"):
+    async def upload(
+        self,
+        project: str | None,
+        archive: bytes,
+        *,
+        filename: str = "code.zip",
+        manifest: Any = None,
+        path: str = "/api/v1/packages",
+    ):
         form = aiohttp.FormData()
         if project is not None:
             form.add_field("project", project)
         form.add_field("codebase", archive, filename=filename, content_type="application/zip")
         if manifest is not None:
-            form.add_field("manifest", manifest if isinstance(manifest, str) else json.dumps(manifest))
+            form.add_field(
+                "manifest", manifest if isinstance(manifest, str) else json.dumps(manifest)
+            )
         response = await self.client.post(path, data=form, headers=self._headers())
         return response.status, await response.json()
 
@@ -176,7 +183,7 @@ ECHO_MANIFEST = {
     ],
 }
 
-ECHO_CODE = '''
+ECHO_CODE = """
 def echo(text, times=1):
     print("echoing", text)
     return text * times
@@ -184,7 +191,7 @@ def echo(text, times=1):
 
 def noop():
     return None
-'''
+"""
 
 
 def make_zip(files: dict[str, str | bytes]) -> bytes:
@@ -219,8 +226,12 @@ async def package(api, project) -> dict:
 async def service(api, project, package) -> dict:
     status, body = await api.post(
         "/api/v1/services",
-        {"project": project["id"], "name": "echo", "package": package["id"],
-         "secrets": {"API_KEY": "s3cr3t-value"}},
+        {
+            "project": project["id"],
+            "name": "echo",
+            "package": package["id"],
+            "secrets": {"API_KEY": "s3cr3t-value"},
+        },
     )
     assert status == 201, body
     return body
@@ -228,6 +239,8 @@ async def service(api, project, package) -> dict:
 
 async def token_for(pool, role: str, project_id: str | None) -> str:
     created = await auth.create_token(
-        pool, auth.TokenCreate(name=f"{role} token", role=auth.Role(role), project=project_id), by=None
+        pool,
+        auth.TokenCreate(name=f"{role} token", role=auth.Role(role), project=project_id),
+        by=None,
     )
     return created.token

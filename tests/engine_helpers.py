@@ -13,8 +13,9 @@ from worker.host import WorkerHost
 
 
 @contextlib.asynccontextmanager
-async def running_worker(settings: Settings, pool: Any, redis: Any, **overrides: Any
-                         ) -> AsyncIterator[WorkerHost]:
+async def running_worker(
+    settings: Settings, pool: Any, redis: Any, **overrides: Any
+) -> AsyncIterator[WorkerHost]:
     host = WorkerHost(settings.model_copy(update=overrides), pool, redis)
     stop = asyncio.Event()
     task = asyncio.create_task(host.run(stop))
@@ -26,8 +27,9 @@ async def running_worker(settings: Settings, pool: Any, redis: Any, **overrides:
 
 
 @contextlib.asynccontextmanager
-async def running_reconciler(pool: Any, redis: Any, interval_s: float = 0.2
-                             ) -> AsyncIterator[Reconciler]:
+async def running_reconciler(
+    pool: Any, redis: Any, interval_s: float = 0.2
+) -> AsyncIterator[Reconciler]:
     reconciler = Reconciler(pool, redis)
 
     async def loop() -> None:

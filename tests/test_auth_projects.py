@@ -70,16 +70,20 @@ async def test_roles(api, pool, project):
     # A viewer reads its project but may not change it.
     assert (await viewer.get(f"/api/v1/projects/{project['id']}"))[0] == 200
     assert (await viewer.patch(f"/api/v1/projects/{project['id']}", {"description": "x"}))[0] == 403
-    assert (await developer.patch(f"/api/v1/projects/{project['id']}", {"description": "x"}))[0] == 403
+    assert (await developer.patch(f"/api/v1/projects/{project['id']}", {"description": "x"}))[
+        0
+    ] == 403
     assert (await owner.patch(f"/api/v1/projects/{project['id']}", {"description": "x"}))[0] == 200
     # Owners manage tokens of their project; developers do not.
     status, body = await owner.post(
         "/api/v1/tokens", {"name": "ci", "role": "developer", "project": project["id"]}
     )
     assert status == 201 and body["token"].startswith("fry_")
-    assert (await developer.post(
-        "/api/v1/tokens", {"name": "ci", "role": "viewer", "project": project["id"]}
-    ))[0] == 403
+    assert (
+        await developer.post(
+            "/api/v1/tokens", {"name": "ci", "role": "viewer", "project": project["id"]}
+        )
+    )[0] == 403
     assert (await owner.post("/api/v1/tokens", {"name": "root", "role": "admin"}))[0] == 403
     assert (await viewer.get("/api/v1/tokens"))[0] == 403
 
@@ -89,12 +93,16 @@ async def test_cross_project_isolation(api, pool, project):
     assert status == 201
     owner_of_other = api.as_token(await token_for(pool, "owner", other["id"]))
     assert (await owner_of_other.get(f"/api/v1/projects/{project['id']}"))[0] == 404
-    assert (await owner_of_other.patch(f"/api/v1/projects/{project['id']}", {"description": "x"}))[0] == 404
+    assert (await owner_of_other.patch(f"/api/v1/projects/{project['id']}", {"description": "x"}))[
+        0
+    ] == 404
     status, listed = await owner_of_other.get("/api/v1/projects")
     assert [p["id"] for p in listed["items"]] == [other["id"]]
-    assert (await owner_of_other.post(
-        "/api/v1/tokens", {"name": "x", "role": "viewer", "project": project["id"]}
-    ))[0] == 404
+    assert (
+        await owner_of_other.post(
+            "/api/v1/tokens", {"name": "x", "role": "viewer", "project": project["id"]}
+        )
+    )[0] == 404
 
 
 async def test_token_secret_shown_once_and_revocable(api, project, client):
@@ -115,8 +123,12 @@ async def test_token_secret_shown_once_and_revocable(api, project, client):
 async def test_expired_token_is_401(api, project):
     status, created = await api.post(
         "/api/v1/tokens",
-        {"name": "old", "role": "viewer", "project": project["id"],
-         "expires_at": "2001-01-01T00:00:00Z"},
+        {
+            "name": "old",
+            "role": "viewer",
+            "project": project["id"],
+            "expires_at": "2001-01-01T00:00:00Z",
+        },
     )
     assert status == 201
     assert (await api.as_token(created["token"]).get("/api/v1/projects"))[0] == 401
@@ -125,5 +137,7 @@ async def test_expired_token_is_401(api, project):
 async def test_token_validation(api, project):
     status, body = await api.post("/api/v1/tokens", {"name": "x", "role": "developer"})
     assert status == 422 and body["error"]["details"][0]["field"] == "project"
-    status, body = await api.post("/api/v1/tokens", {"name": "x", "role": "wizard", "project": project["id"]})
+    status, body = await api.post(
+        "/api/v1/tokens", {"name": "x", "role": "wizard", "project": project["id"]}
+    )
     assert status == 422 and body["error"]["details"][0]["field"] == "role"

@@ -71,9 +71,7 @@ async def test_batch_is_one_transaction(api, service, redis, pool):
     fields = [d["field"] for d in body["error"]["details"]]
     assert fields == ["executions[1].input.text", "executions[2].function"]
     assert await pool.fetchval("SELECT count(*) FROM executions") == 1000  # none of the bad batch
-    status, body = await api.post(
-        "/api/v1/executions/batch", {"executions": [run(service)] * 1001}
-    )
+    status, body = await api.post("/api/v1/executions/batch", {"executions": [run(service)] * 1001})
     assert status == 422 and body["error"]["details"][0]["field"] == "executions"
 
 
@@ -118,7 +116,9 @@ async def test_pagination_neither_skips_nor_repeats_under_concurrent_inserts(api
         inserter = asyncio.create_task(insert_meanwhile())
         cursor = None
         while True:
-            path = f"/api/v1/executions?limit=7&order={order}" + (f"&cursor={cursor}" if cursor else "")
+            path = f"/api/v1/executions?limit=7&order={order}" + (
+                f"&cursor={cursor}" if cursor else ""
+            )
             status, page = await api.get(path)
             assert status == 200
             seen.extend(e["id"] for e in page["items"])
@@ -135,7 +135,9 @@ async def test_pagination_neither_skips_nor_repeats_under_concurrent_inserts(api
 
 async def test_terminate_rerun_and_progress(api, service, pool):
     _, created = await api.post("/api/v1/executions", run(service))
-    status, body = await api.post(f"/api/v1/executions/{created['id']}/progress", {"percent": 40, "message": "x"})
+    status, body = await api.post(
+        f"/api/v1/executions/{created['id']}/progress", {"percent": 40, "message": "x"}
+    )
     assert status == 200 and body["progress"] == {"percent": 40, "message": "x"}
     status, body = await api.post(f"/api/v1/executions/{created['id']}/progress", {"percent": 140})
     assert status == 422 and body["error"]["details"][0]["field"] == "percent"
@@ -155,8 +157,13 @@ async def test_status_never_moves_backwards(api, service, pool):
     async with pool.acquire() as conn:
         claimed = await states.claim(conn, created["id"], worker_id="w", replica_id="r", lease_s=30)
         assert claimed["status"] == "in-progress" and claimed["attempt"] == 1
-        assert await states.claim(conn, created["id"], worker_id="w2", replica_id="r", lease_s=30) is None
-        done = await states.finish(conn, created["id"], 1, states.ExecutionStatus.success, output={"text": "hi"})
+        assert (
+            await states.claim(conn, created["id"], worker_id="w2", replica_id="r", lease_s=30)
+            is None
+        )
+        done = await states.finish(
+            conn, created["id"], 1, states.ExecutionStatus.success, output={"text": "hi"}
+        )
         assert done["status"] == "success"
         # A late, stale finish and a late terminate change nothing.
         assert await states.finish(conn, created["id"], 1, states.ExecutionStatus.failed) is None
@@ -164,7 +171,9 @@ async def test_status_never_moves_backwards(api, service, pool):
     status, body = await api.get(f"/api/v1/executions/{created['id']}")
     assert body["status"] == "success" and body["output"] == {"text": "hi"}
     assert [e["status"] for e in body["status_log"]] == ["created", "in-progress", "success"]
-    attempts = await pool.fetch("SELECT * FROM execution_attempts WHERE execution_id = $1", created["id"])
+    attempts = await pool.fetch(
+        "SELECT * FROM execution_attempts WHERE execution_id = $1", created["id"]
+    )
     assert [(a["attempt"], a["status"]) for a in attempts] == [(1, "success")]
 
 
@@ -177,7 +186,9 @@ async def test_wait_returns_at_finish_or_timeout(api, service, pool):
         await asyncio.sleep(0.3)
         async with pool.acquire() as conn:
             await states.claim(conn, created["id"], worker_id="w", replica_id="r", lease_s=30)
-            await states.finish(conn, created["id"], 1, states.ExecutionStatus.success, output={"text": "x"})
+            await states.finish(
+                conn, created["id"], 1, states.ExecutionStatus.success, output={"text": "x"}
+            )
 
     task = asyncio.create_task(finish_soon())
     loop = asyncio.get_running_loop()
@@ -214,5 +225,7 @@ async def test_logs_page_by_seq(api, service, pool):
     )
     status, page = await api.get(f"/api/v1/executions/{created['id']}/logs?limit=3")
     assert [line["text"] for line in page["items"]] == ["line 1", "line 2", "line 3"]
-    status, page = await api.get(f"/api/v1/executions/{created['id']}/logs?cursor={page['next_cursor']}")
+    status, page = await api.get(
+        f"/api/v1/executions/{created['id']}/logs?cursor={page['next_cursor']}"
+    )
     assert [line["seq"] for line in page["items"]] == [4, 5]

@@ -20,16 +20,19 @@ async def test_upload_returns_the_api_shape(api, project):
     assert body["codebase"] == {"sha256": hashlib.sha256(archive).hexdigest(), "size": len(archive)}
     function = body["modules"][0]["functions"][0]
     assert function["name"] == "echo"
-    assert function["inputs"][1] == {
-        "name": "times", "type": "integer", "default": 1, "required": False, "description": ""
-    } or function["inputs"][1]["default"] == 1
+    assert (
+        function["inputs"][1]
+        == {"name": "times", "type": "integer", "default": 1, "required": False, "description": ""}
+        or function["inputs"][1]["default"] == 1
+    )
 
 
 async def test_same_name_is_409_and_revisions_grow(api, project, package):
     status, body = await api.upload(project["id"], echo_archive())
     assert status == 409 and "revisions" in body["error"]["message"]
     status, second = await api.upload(
-        None, echo_archive(code="def echo(text, times=1):\n    return text\ndef noop():\n    pass\n"),
+        None,
+        echo_archive(code="def echo(text, times=1):\n    return text\ndef noop():\n    pass\n"),
         path=f"/api/v1/packages/{package['id']}/revisions",
     )
     assert status == 201, second
@@ -78,17 +81,32 @@ async def test_bad_uploads_name_the_field(api, project):
     assert status == 422 and body["error"]["details"][0]["field"].startswith("codebase")
     status, body = await api.upload(project["id"], make_zip({"main.py": "x = 1"}))
     assert status == 422 and body["error"]["details"][0]["field"] == "manifest"
-    broken = {**ECHO_MANIFEST, "modules": [{**ECHO_MANIFEST["modules"][0], "entry_point": "nope.py"}]}
+    broken = {
+        **ECHO_MANIFEST,
+        "modules": [{**ECHO_MANIFEST["modules"][0], "entry_point": "nope.py"}],
+    }
     status, body = await api.upload(project["id"], echo_archive(broken))
     assert status == 422
     assert body["error"]["details"][0]["field"] == "manifest.modules[0].entry_point"
-    bad_type = yaml.safe_dump({**ECHO_MANIFEST, "modules": [{
-        **ECHO_MANIFEST["modules"][0],
-        "functions": [{"name": "f", "inputs": [{"name": "x", "type": "int"}]}]}]})
-    status, body = await api.upload(project["id"], make_zip({"ferry.yaml": bad_type, "main.py": ""}))
+    bad_type = yaml.safe_dump(
+        {
+            **ECHO_MANIFEST,
+            "modules": [
+                {
+                    **ECHO_MANIFEST["modules"][0],
+                    "functions": [{"name": "f", "inputs": [{"name": "x", "type": "int"}]}],
+                }
+            ],
+        }
+    )
+    status, body = await api.upload(
+        project["id"], make_zip({"ferry.yaml": bad_type, "main.py": ""})
+    )
     assert status == 422
     assert body["error"]["details"][0]["field"] == "manifest.modules[0].functions[0].inputs[0].type"
-    zip_slip = make_zip({"ferry.yaml": yaml.safe_dump(ECHO_MANIFEST), "main.py": "", "../evil.py": ""})
+    zip_slip = make_zip(
+        {"ferry.yaml": yaml.safe_dump(ECHO_MANIFEST), "main.py": "", "../evil.py": ""}
+    )
     status, body = await api.upload(project["id"], zip_slip)
     assert status == 422 and "codebase" in body["error"]["details"][0]["field"]
 
@@ -101,9 +119,7 @@ async def test_oversize_upload_is_413(api, project, client):
 
 
 async def test_missing_codebase_and_project(api, project):
-    status, body = await api.call(
-        "POST", "/api/v1/packages", data={"project": project["id"]}
-    )
+    status, body = await api.call("POST", "/api/v1/packages", data={"project": project["id"]})
     assert status in (400, 422)
     status, body = await api.upload(None, echo_archive())
     assert status == 422 and body["error"]["details"][0]["field"] == "project"

@@ -10,7 +10,9 @@ async def test_create_has_defaults_and_hides_secrets(api, project, package, serv
     assert service["runtime"]["concurrency"] == 4 and service["runtime"]["min_replicas"] == 0
     assert service["secrets"] == ["API_KEY"]
     assert service["status"] == "active" and service["generation"] == 1
-    stored = await pool.fetchval("SELECT secrets->>'API_KEY' FROM services WHERE id = $1", service["id"])
+    stored = await pool.fetchval(
+        "SELECT secrets->>'API_KEY' FROM services WHERE id = $1", service["id"]
+    )
     assert stored and "s3cr3t-value" not in stored  # encrypted at rest
     status, fetched = await api.get(f"/api/v1/services/{service['id']}")
     assert "s3cr3t-value" not in str(fetched)
@@ -43,7 +45,9 @@ async def test_patch_bumps_generation_only_for_rolling_changes(api, service, pac
     status, body = await api.patch(f"/api/v1/services/{sid}", {"runtime": {"concurrency": 8}})
     assert status == 200 and body["generation"] == 2
     assert body["runtime"]["concurrency"] == 8 and body["runtime"]["memory_mb"] == 512
-    status, body = await api.patch(f"/api/v1/services/{sid}", {"secrets": {"API_KEY": None, "B": "x"}})
+    status, body = await api.patch(
+        f"/api/v1/services/{sid}", {"secrets": {"API_KEY": None, "B": "x"}}
+    )
     assert body["secrets"] == ["B"] and body["generation"] == 3
     status, body = await api.patch(f"/api/v1/services/{sid}", {"runtime": {"min_replicas": 9}})
     assert status == 422 and body["error"]["details"][0]["field"].startswith("runtime")

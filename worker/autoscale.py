@@ -7,7 +7,12 @@ from typing import Any
 
 
 def desired_replicas(
-    runtime: dict[str, Any], *, active: bool, queued: int, in_progress: int, live: int,
+    runtime: dict[str, Any],
+    *,
+    active: bool,
+    queued: int,
+    in_progress: int,
+    live: int,
     idle_for_s: float,
 ) -> int:
     """Replicas to run: enough for `target_queue_per_replica` executions each, within

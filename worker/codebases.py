@@ -31,7 +31,9 @@ class CodebaseCache:
             return dest
         async with self._locks.setdefault(sha256, asyncio.Lock()):
             if not dest.exists():
-                data = await self.pool.fetchval("SELECT data FROM codebases WHERE sha256 = $1", sha256)
+                data = await self.pool.fetchval(
+                    "SELECT data FROM codebases WHERE sha256 = $1", sha256
+                )
                 self.root.mkdir(parents=True, exist_ok=True)
                 self.root.chmod(0o755)
                 # Extraction re-checks the archive: never trust what was checked at upload.

@@ -41,8 +41,13 @@ START_BACKOFF_S = (1, 2, 5, 10, 30, 60)
 
 
 class WorkerHost:
-    def __init__(self, settings: Settings, pool: asyncpg.Pool, redis: ArqRedis,
-                 runtime: Runtime | None = None) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        pool: asyncpg.Pool,
+        redis: ArqRedis,
+        runtime: Runtime | None = None,
+    ) -> None:
         self.settings = settings
         self.pool = pool
         self.redis = redis
@@ -57,6 +62,7 @@ class WorkerHost:
         self._failures: dict[str, tuple[int, float]] = {}  # service -> (count, retry after)
         self._wake = asyncio.Event()
         self._tasks: list[asyncio.Task[Any]] = []
+        self._background: set[asyncio.Task[Any]] = set()
         self._docker_client: Any = None
         self.shutting_down = False
 
@@ -66,15 +72,24 @@ class WorkerHost:
         await self.pool.execute(
             """INSERT INTO workers (id, host, runtime, capacity) VALUES ($1, $2, $3, $4)
                ON CONFLICT (id) DO UPDATE SET heartbeat_at = now()""",
-            self.id, self.host, self.runtime.name, self.settings.worker_capacity,
+            self.id,
+            self.host,
+            self.runtime.name,
+            self.settings.worker_capacity,
         )
         removed = await self.runtime.cleanup_orphans(await self._replicas_kept_on_this_host())
         if removed:
             log.info("removed %d replicas left over from an earlier run", len(removed))
-        log.info("worker %s up: runtime %s, capacity %d", self.id, self.runtime.name,
-                 self.settings.worker_capacity)
+        log.info(
+            "worker %s up: runtime %s, capacity %d",
+            self.id,
+            self.runtime.name,
+            self.settings.worker_capacity,
+        )
         self._tasks = [
-            asyncio.create_task(self._every(self.settings.heartbeat_s, self._heartbeat), name="heartbeat"),
+            asyncio.create_task(
+                self._every(self.settings.heartbeat_s, self._heartbeat), name="heartbeat"
+            ),
             asyncio.create_task(self._placement_loop(), name="placement"),
             asyncio.create_task(self._listen_control(), name="control"),
         ]
@@ -87,17 +102,26 @@ class WorkerHost:
         for task in self._tasks:
             task.cancel()
         replicas = list(self.replicas.values())
-        await asyncio.gather(*(r.drain("worker shutting down", timeout_s=grace_s) for r in replicas),
-                             return_exceptions=True)
-        await asyncio.gather(*(r.stop("stopped", "worker shut down") for r in replicas
-                               if r.status not in ("stopped", "failed")), return_exceptions=True)
+        await asyncio.gather(
+            *(r.drain("worker shutting down", timeout_s=grace_s) for r in replicas),
+            return_exceptions=True,
+        )
+        await asyncio.gather(
+            *(
+                r.stop("stopped", "worker shut down")
+                for r in replicas
+                if r.status not in ("stopped", "failed")
+            ),
+            return_exceptions=True,
+        )
         await self.pool.execute("DELETE FROM workers WHERE id = $1", self.id)
         await self.runtime.close()
 
     async def _replicas_kept_on_this_host(self) -> set[str]:
         # Other worker processes on this host keep theirs: only ids no live replica row has go.
         rows = await self.pool.fetch(
-            "SELECT id FROM replicas WHERE status IN ('starting', 'ready', 'draining')")
+            "SELECT id FROM replicas WHERE status IN ('starting', 'ready', 'draining')"
+        )
         return {r["id"] for r in rows}
 
     async def _every(self, interval: float, action: Any) -> None:
@@ -120,7 +144,9 @@ class WorkerHost:
                WHERE id = ANY($2::text[]) AND worker_id = $1 AND status = 'in-progress'
                  AND lease_until IS NOT NULL
                RETURNING id, terminate_requested""",
-            self.id, held, self.settings.lease_s,
+            self.id,
+            held,
+            self.settings.lease_s,
         )
         renewed = {r["id"]: r["terminate_requested"] for r in rows}
         for execution_id in held:
@@ -152,6 +178,12 @@ class WorkerHost:
         finally:
             with contextlib.suppress(Exception):
                 await pubsub.aclose()
+
+    def _spawn(self, coroutine: Any, name: str) -> None:
+        """Run a replica action in the background, keeping a reference until it ends."""
+        task = asyncio.create_task(coroutine, name=name)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
 
     def note_activity(self, service_id: str) -> None:
         self._activity[service_id] = time.time()
@@ -200,27 +232,36 @@ class WorkerHost:
         self._activity.clear()
         if busy:
             await self.pool.execute(
-                "UPDATE services SET last_activity_at = now() WHERE id = ANY($1::text[])", busy)
+                "UPDATE services SET last_activity_at = now() WHERE id = ANY($1::text[])", busy
+            )
         known = {s["id"] for s in services}
         for replica in list(self.replicas.values()):
             if replica.service.id not in known and replica.status in ("starting", "ready"):
-                asyncio.create_task(replica.stop("stopped", "service deleted"))
+                self._spawn(replica.stop("stopped", "service deleted"), f"stop {replica.id}")
         for service, queue_length in zip(services, queued, strict=True):
             desired = desired_replicas(
-                service["runtime"], active=service["status"] == "active", queued=queue_length,
-                in_progress=service["in_progress"], live=service["live"],
+                service["runtime"],
+                active=service["status"] == "active",
+                queued=queue_length,
+                in_progress=service["in_progress"],
+                live=service["live"],
                 idle_for_s=0 if service["id"] in busy else float(service["idle_for_s"]),
             )
             if desired != service["desired_replicas"]:
                 await self.pool.execute(
-                    "UPDATE services SET desired_replicas = $2 WHERE id = $1", service["id"], desired)
+                    "UPDATE services SET desired_replicas = $2 WHERE id = $1",
+                    service["id"],
+                    desired,
+                )
             await self._converge(service, desired)
 
     def _mine(self, service_id: str) -> list[Replica]:
         return [r for r in self.replicas.values() if r.service.id == service_id]
 
     def _free_capacity(self) -> int:
-        live = sum(1 for r in self.replicas.values() if r.status in ("starting", "ready", "draining"))
+        live = sum(
+            1 for r in self.replicas.values() if r.status in ("starting", "ready", "draining")
+        )
         return self.settings.worker_capacity - live
 
     async def _converge(self, service: asyncpg.Record, desired: int) -> None:
@@ -229,11 +270,16 @@ class WorkerHost:
         # Rolled over: replicas of an older generation drain once a new one is ready.
         new_ready = await self.pool.fetchval(
             """SELECT count(*) FROM replicas WHERE service_id = $1 AND generation = $2
-               AND status = 'ready'""", service_id, service["generation"])
+               AND status = 'ready'""",
+            service_id,
+            service["generation"],
+        )
         for replica in mine:
             if replica.service.generation < service["generation"] and replica.status == "ready":
                 if new_ready or desired == 0:
-                    asyncio.create_task(replica.drain("rolled over to a new generation"))
+                    self._spawn(
+                        replica.drain("rolled over to a new generation"), f"drain {replica.id}"
+                    )
         if service["live"] < desired and not self.shutting_down:
             _, retry_after = self._failures.get(service_id, (0, 0.0))
             if time.monotonic() >= retry_after and self._free_capacity() > 0:
@@ -244,21 +290,29 @@ class WorkerHost:
             replica_id = await self._release_slot(service, desired)
             if replica_id is not None and replica_id in self.replicas:
                 reason = "service paused" if service["status"] != "active" else "scaled down"
-                asyncio.create_task(self.replicas[replica_id].drain(reason))
+                self._spawn(self.replicas[replica_id].drain(reason), f"drain {replica_id}")
 
     async def _claim_slot(self, service: asyncpg.Record, desired: int) -> str | None:
         async with self.pool.acquire() as conn, conn.transaction():
             await conn.execute("SELECT pg_advisory_xact_lock(hashtext($1))", service["id"])
             live = await conn.fetchval(
                 """SELECT count(*) FROM replicas WHERE service_id = $1 AND generation = $2
-                   AND status IN ('starting', 'ready')""", service["id"], service["generation"])
+                   AND status IN ('starting', 'ready')""",
+                service["id"],
+                service["generation"],
+            )
             if live >= desired:
                 return None
             replica_id = new_id()
             await conn.execute(
                 """INSERT INTO replicas (id, service_id, worker_id, host, generation, status)
                    VALUES ($1, $2, $3, $4, $5, 'starting')""",
-                replica_id, service["id"], self.id, self.host, service["generation"])
+                replica_id,
+                service["id"],
+                self.id,
+                self.host,
+                service["generation"],
+            )
             return replica_id
 
     async def _release_slot(self, service: asyncpg.Record, desired: int) -> str | None:
@@ -267,7 +321,10 @@ class WorkerHost:
             await conn.execute("SELECT pg_advisory_xact_lock(hashtext($1))", service["id"])
             live = await conn.fetchval(
                 """SELECT count(*) FROM replicas WHERE service_id = $1 AND generation = $2
-                   AND status IN ('starting', 'ready')""", service["id"], service["generation"])
+                   AND status IN ('starting', 'ready')""",
+                service["id"],
+                service["generation"],
+            )
             if live <= desired:
                 return None
             return await conn.fetchval(
@@ -275,7 +332,11 @@ class WorkerHost:
                    WHERE id = (SELECT id FROM replicas WHERE service_id = $1 AND worker_id = $2
                                AND generation = $3 AND status = 'ready'
                                ORDER BY running, started_at DESC LIMIT 1)
-                   RETURNING id""", service["id"], self.id, service["generation"])
+                   RETURNING id""",
+                service["id"],
+                self.id,
+                service["generation"],
+            )
 
     async def _start_replica(self, replica_id: str, service_id: str) -> None:
         try:
@@ -284,12 +345,20 @@ class WorkerHost:
             log.exception("cannot prepare service %s", service_id)
             await self.pool.execute(
                 "UPDATE replicas SET status = 'failed', message = $2, stopped_at = now() WHERE id = $1",
-                replica_id, f"cannot prepare the service: {exc}")
+                replica_id,
+                f"cannot prepare the service: {exc}",
+            )
             return
         replica = Replica(self, replica_id, config)
         self.replicas[replica_id] = replica
-        await events.publish(self.redis, "replica.starting", config.project_id, "replica", replica_id,
-                             {"service": service_id, "host": self.host})
+        await events.publish(
+            self.redis,
+            "replica.starting",
+            config.project_id,
+            "replica",
+            replica_id,
+            {"service": service_id, "host": self.host},
+        )
 
         async def start() -> None:
             try:
@@ -298,31 +367,48 @@ class WorkerHost:
             except Exception:
                 pass  # recorded on the replica row by Replica.start; placement backs off
 
-        asyncio.create_task(start(), name=f"start {replica_id}")
+        self._spawn(start(), f"start {replica_id}")
 
     async def _service_config(self, service_id: str) -> ServiceConfig:
         row = await self.pool.fetchrow("SELECT * FROM services WHERE id = $1", service_id)
         manifest = await load_manifest(self.pool, row["package_id"], row["package_revision"])
         return ServiceConfig(
-            id=row["id"], project_id=row["project_id"], generation=row["generation"],
-            runtime=row["runtime"], on_reset=row["on_reset"], manifest=manifest,
-            module=row["module"], env=row["env"],
+            id=row["id"],
+            project_id=row["project_id"],
+            generation=row["generation"],
+            runtime=row["runtime"],
+            on_reset=row["on_reset"],
+            manifest=manifest,
+            module=row["module"],
+            env=row["env"],
             secrets={k: self.secret_box.decrypt(v) for k, v in row["secrets"].items()},
-            init_inputs=row["init_inputs"], package_id=row["package_id"],
+            init_inputs=row["init_inputs"],
+            package_id=row["package_id"],
             package_revision=row["package_revision"],
         )
 
-    async def set_replica_status(self, replica: Replica, status: str, message: str | None,
-                                 cold_start_ms: int | None = None) -> None:
+    async def set_replica_status(
+        self, replica: Replica, status: str, message: str | None, cold_start_ms: int | None = None
+    ) -> None:
         await self.pool.execute(
             """UPDATE replicas SET status = $2, message = $3, updated_at = now(),
                    cold_start_ms = coalesce($4, cold_start_ms), running = $5,
                    stopped_at = CASE WHEN $2 IN ('stopped', 'failed') THEN now() END
                WHERE id = $1""",
-            replica.id, status, message, cold_start_ms, len(replica.running))
-        await events.publish(self.redis, f"replica.{status}", replica.service.project_id, "replica",
-                             replica.id, {"service": replica.service.id, "message": message,
-                                          "host": self.host})
+            replica.id,
+            status,
+            message,
+            cold_start_ms,
+            len(replica.running),
+        )
+        await events.publish(
+            self.redis,
+            f"replica.{status}",
+            replica.service.project_id,
+            "replica",
+            replica.id,
+            {"service": replica.service.id, "message": message, "host": self.host},
+        )
 
     # -- images ------------------------------------------------------------------------------
 
@@ -331,8 +417,11 @@ class WorkerHost:
         need) layered with the package's requirements."""
         if self.runtime.name != "docker":
             if service.manifest.requirements:
-                log.warning("the process runtime does not install requirements (%s); they must "
-                            "be importable on this host", ", ".join(service.manifest.requirements))
+                log.warning(
+                    "the process runtime does not install requirements (%s); they must "
+                    "be importable on this host",
+                    ", ".join(service.manifest.requirements),
+                )
             return ""
         import docker
 
@@ -345,14 +434,25 @@ class WorkerHost:
             return service.runtime["image"]
         base = self.settings.runner_image
         if not await asyncio.to_thread(images.runner_image_exists, client, base):
-            log.warning("runner image %s is missing: building it now (about a minute; "
-                        "`ferry image build` does this ahead of time)", base)
+            log.warning(
+                "runner image %s is missing: building it now (about a minute; "
+                "`ferry image build` does this ahead of time)",
+                base,
+            )
             await self.set_replica_status(replica, "starting", f"building the runner image {base}")
-            await asyncio.to_thread(images.ensure_runner_image, client, base,
-                                    lambda line: log.info("runner image: %s", line))
+            await asyncio.to_thread(
+                images.ensure_runner_image,
+                client,
+                base,
+                lambda line: log.info("runner image: %s", line),
+            )
         if not service.manifest.requirements:
             return base
         await self.set_replica_status(replica, "starting", "installing requirements")
         return await asyncio.to_thread(
-            images.ensure_revision_image, client, base, service.manifest.requirements,
-            lambda line: log.info("revision image: %s", line))
+            images.ensure_revision_image,
+            client,
+            base,
+            service.manifest.requirements,
+            lambda line: log.info("revision image: %s", line),
+        )

@@ -33,8 +33,14 @@ def log_stream_key(execution_id: str) -> str:
 
 class LogSink:
     def __init__(
-        self, pool: asyncpg.Pool, redis: Redis, execution: asyncpg.Record, *,
-        secrets: list[str], max_lines: int, max_bytes: int,
+        self,
+        pool: asyncpg.Pool,
+        redis: Redis,
+        execution: asyncpg.Record,
+        *,
+        secrets: list[str],
+        max_lines: int,
+        max_bytes: int,
     ) -> None:
         self.pool = pool
         self.redis = redis
@@ -61,9 +67,12 @@ class LogSink:
         size = len(text.encode("utf-8", errors="replace"))
         if self.seq + 1 >= self.max_lines or self.bytes + size > self.max_bytes:
             self.truncated = True
-            stream, text = "system", (
-                f"[log truncated: the limit of {self.max_lines} lines / {self.max_bytes} bytes "
-                "per execution was reached; later lines are dropped]"
+            stream, text = (
+                "system",
+                (
+                    f"[log truncated: the limit of {self.max_lines} lines / {self.max_bytes} bytes "
+                    "per execution was reached; later lines are dropped]"
+                ),
             )
         self.seq += 1
         self.bytes += size
@@ -144,7 +153,11 @@ class LogSink:
             message,
         )
         await events.publish(
-            self.redis, "execution.progress", self.project_id, "execution", self.execution_id,
+            self.redis,
+            "execution.progress",
+            self.project_id,
+            "execution",
+            self.execution_id,
             {"percent": percent, "message": message},
         )
 

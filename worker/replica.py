@@ -90,7 +90,10 @@ class Replica:
                 class_name=module.class_name,
                 init_inputs=service.init_inputs,
                 functions={
-                    f.name: {"inputs": [p.name for p in f.inputs], "outputs": [p.name for p in f.outputs]}
+                    f.name: {
+                        "inputs": [p.name for p in f.inputs],
+                        "outputs": [p.name for p in f.outputs],
+                    }
                     for f in module.functions
                 },
                 concurrency=service.runtime["concurrency"],
@@ -108,12 +111,26 @@ class Replica:
             raise
         cold_start_ms = int((time.monotonic() - self.started_at) * 1000)
         self.status = "ready"
-        await host.set_replica_status(self, "ready", f"ready in {cold_start_ms} ms", cold_start_ms=cold_start_ms)
-        log.info("replica %s of %s ready in %d ms (python %s)", self.id, service.id, cold_start_ms,
-                 ready.get("python"))
+        await host.set_replica_status(
+            self, "ready", f"ready in {cold_start_ms} ms", cold_start_ms=cold_start_ms
+        )
+        log.info(
+            "replica %s of %s ready in %d ms (python %s)",
+            self.id,
+            service.id,
+            cold_start_ms,
+            ready.get("python"),
+        )
         self.consumer = arq.Worker(
-            functions=[arq.func(self._job, name=queue.RUN_EXECUTION, keep_result=0,
-                                max_tries=1_000_000, timeout=JOB_TIMEOUT_S)],
+            functions=[
+                arq.func(
+                    self._job,
+                    name=queue.RUN_EXECUTION,
+                    keep_result=0,
+                    max_tries=1_000_000,
+                    timeout=JOB_TIMEOUT_S,
+                )
+            ],
             queue_name=queue.queue_name(service.id),
             redis_settings=queue.redis_settings(host.settings.redis_url),
             max_jobs=service.runtime["concurrency"],
@@ -173,8 +190,13 @@ class Replica:
 
     async def _fail(self, message: str, detail: str = "") -> None:
         self.message = message
-        log.warning("replica %s of %s failed: %s%s", self.id, self.service.id, message,
-                    f"\n{detail}" if detail else "")
+        log.warning(
+            "replica %s of %s failed: %s%s",
+            self.id,
+            self.service.id,
+            message,
+            f"\n{detail}" if detail else "",
+        )
         await self.stop("failed", f"{message}\n{detail}".strip())
 
     async def _exit_detail(self) -> str:
@@ -217,7 +239,11 @@ class Replica:
         host = self.host
         async with host.pool.acquire() as conn:
             row = await states.claim(
-                conn, execution_id, worker_id=host.id, replica_id=self.id, lease_s=host.settings.lease_s
+                conn,
+                execution_id,
+                worker_id=host.id,
+                replica_id=self.id,
+                lease_s=host.settings.lease_s,
             )
         if row is None:
             return False  # finished, terminated, or taken by another worker already
@@ -226,11 +252,21 @@ class Replica:
         host.running[execution_id] = self
         host.note_activity(self.service.id)
         try:
-            await events.publish(host.redis, "execution.in-progress", row["project_id"], "execution",
-                                 execution_id, events.execution_event_data(row))
+            await events.publish(
+                host.redis,
+                "execution.in-progress",
+                row["project_id"],
+                "execution",
+                execution_id,
+                events.execution_event_data(row),
+            )
             sink = LogSink(
-                host.pool, host.redis, row, secrets=list(self.service.secrets.values()),
-                max_lines=host.settings.log_max_lines, max_bytes=host.settings.log_max_bytes,
+                host.pool,
+                host.redis,
+                row,
+                secrets=list(self.service.secrets.values()),
+                max_lines=host.settings.log_max_lines,
+                max_bytes=host.settings.log_max_bytes,
             )
             if attempt > 1:
                 sink.system(f"attempt {attempt} of {row['max_attempts']} on replica {self.id}")
@@ -243,12 +279,18 @@ class Replica:
                 "replica_id": self.id,
                 "trigger_id": row["trigger_id"],
                 "trigger_fire_time": row["trigger_fire_time"].isoformat()
-                if row["trigger_fire_time"] else None,
+                if row["trigger_fire_time"]
+                else None,
                 "pipeline_execution_id": row["pipeline_execution_id"],
             }
             outcome = await self.agent.execute(
-                execution_id, row["function"], row["input"], context, row["timeout_s"],
-                on_log=sink.add, on_progress=sink.progress,
+                execution_id,
+                row["function"],
+                row["input"],
+                context,
+                row["timeout_s"],
+                on_log=sink.add,
+                on_progress=sink.progress,
             )
             if outcome.status == "crashed" and (outcome.error or {}).get("type") == "AgentLost":
                 await self._agent_lost_detail(outcome)
@@ -264,10 +306,15 @@ class Replica:
         detail = await self._exit_detail()
         if detail.startswith("OOMKilled"):
             outcome.status = "oom"
-            outcome.error = {"type": "OutOfMemory", "traceback": None, "message":
-                             f"the replica ran out of memory ({self.service.runtime['memory_mb']} MB)"}
+            outcome.error = {
+                "type": "OutOfMemory",
+                "traceback": None,
+                "message": f"the replica ran out of memory ({self.service.runtime['memory_mb']} MB)",
+            }
         elif outcome.error is not None and detail:
-            outcome.error["message"] = f"{outcome.error.get('message', '')} ({detail.splitlines()[0]})"
+            outcome.error["message"] = (
+                f"{outcome.error.get('message', '')} ({detail.splitlines()[0]})"
+            )
 
     async def _record(self, row: Any, outcome: ExecutionOutcome, sink: LogSink) -> Any:
         host = self.host
@@ -279,44 +326,108 @@ class Replica:
                 try:
                     if function is not None:
                         validate_output(function, outcome.output)
-                    finished = await states.finish(conn, execution_id, attempt, ExecutionStatus.success,
-                                                   output=outcome.output)
+                    finished = await states.finish(
+                        conn, execution_id, attempt, ExecutionStatus.success, output=outcome.output
+                    )
                 except Invalid as exc:
                     finished = await states.finish(
-                        conn, execution_id, attempt, ExecutionStatus.failed, reason=Reason.exception,
-                        error={"type": "OutputError", "message": exc.message, "traceback": None,
-                               "details": exc.details})
+                        conn,
+                        execution_id,
+                        attempt,
+                        ExecutionStatus.failed,
+                        reason=Reason.exception,
+                        error={
+                            "type": "OutputError",
+                            "message": exc.message,
+                            "traceback": None,
+                            "details": exc.details,
+                        },
+                    )
             elif outcome.status == "failed":
-                finished = await states.finish(conn, execution_id, attempt, ExecutionStatus.failed,
-                                               reason=Reason.exception, error=outcome.error)
+                finished = await states.finish(
+                    conn,
+                    execution_id,
+                    attempt,
+                    ExecutionStatus.failed,
+                    reason=Reason.exception,
+                    error=outcome.error,
+                )
             elif outcome.status == "timeout":
                 finished = await states.finish(
-                    conn, execution_id, attempt, ExecutionStatus.failed, reason=Reason.timeout,
-                    error={"type": "Timeout", "traceback": None,
-                           "message": f"the function ran past its timeout of {row['timeout_s']} s and was killed"})
+                    conn,
+                    execution_id,
+                    attempt,
+                    ExecutionStatus.failed,
+                    reason=Reason.timeout,
+                    error={
+                        "type": "Timeout",
+                        "traceback": None,
+                        "message": f"the function ran past its timeout of {row['timeout_s']} s and was killed",
+                    },
+                )
             elif outcome.status == "oom":
-                finished = await states.finish(conn, execution_id, attempt, ExecutionStatus.failed,
-                                               reason=Reason.oom, error=outcome.error)
+                finished = await states.finish(
+                    conn,
+                    execution_id,
+                    attempt,
+                    ExecutionStatus.failed,
+                    reason=Reason.oom,
+                    error=outcome.error,
+                )
             elif outcome.status == "terminated":
                 wanted = await conn.fetchval(
-                    "SELECT terminate_requested FROM executions WHERE id = $1", execution_id)
+                    "SELECT terminate_requested FROM executions WHERE id = $1", execution_id
+                )
                 if wanted:
-                    finished = await states.finish(conn, execution_id, attempt, ExecutionStatus.terminated,
-                                                   message="terminated on request")
+                    finished = await states.finish(
+                        conn,
+                        execution_id,
+                        attempt,
+                        ExecutionStatus.terminated,
+                        message="terminated on request",
+                    )
                 else:  # stopped because this worker is going away: someone else runs it again
                     finished = await states.hand_back(
-                        conn, execution_id, attempt, reason=Reason.lost, retry=True,
-                        error={"type": "WorkerShutdown", "message": "the worker shut down", "traceback": None})
+                        conn,
+                        execution_id,
+                        attempt,
+                        reason=Reason.lost,
+                        retry=True,
+                        error={
+                            "type": "WorkerShutdown",
+                            "message": "the worker shut down",
+                            "traceback": None,
+                        },
+                    )
             elif (outcome.error or {}).get("type") == "AgentLost":
                 finished = await states.hand_back(
-                    conn, execution_id, attempt, reason=Reason.crashed,
-                    retry=self.service.on_reset == "rerun", error=outcome.error)
+                    conn,
+                    execution_id,
+                    attempt,
+                    reason=Reason.crashed,
+                    retry=self.service.on_reset == "rerun",
+                    error=outcome.error,
+                )
             else:  # the function's own process crashed; the replica lives on
-                finished = await states.finish(conn, execution_id, attempt, ExecutionStatus.failed,
-                                               reason=Reason.crashed, error=outcome.error)
+                finished = await states.finish(
+                    conn,
+                    execution_id,
+                    attempt,
+                    ExecutionStatus.failed,
+                    reason=Reason.crashed,
+                    error=outcome.error,
+                )
         if finished is None:
             return None  # the lease was taken back meanwhile: another attempt owns the outcome
-        kind = "retrying" if finished["status"] == ExecutionStatus.in_progress else finished["status"]
-        await events.publish(host.redis, f"execution.{kind}", finished["project_id"],
-                             "execution", execution_id, events.execution_event_data(finished))
+        kind = (
+            "retrying" if finished["status"] == ExecutionStatus.in_progress else finished["status"]
+        )
+        await events.publish(
+            host.redis,
+            f"execution.{kind}",
+            finished["project_id"],
+            "execution",
+            execution_id,
+            events.execution_event_data(finished),
+        )
         return finished
