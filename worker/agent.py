@@ -19,6 +19,7 @@ import json
 import logging
 import os
 import platform
+import select
 import selectors
 import signal
 import socket
@@ -40,8 +41,8 @@ MAX_FRAME = 64 * 1024 * 1024
 MAX_LINE = 16 * 1024
 STOP_GRACE_S = 1.0  # SIGTERM, then SIGKILL: a stop completes in well under 1.5 s
 DRAIN_S = 0.3  # a grandchild may keep a dead child's stdout open; stop waiting after this
-OUT_HIGH = 8 * 1024 * 1024  # unsent bytes above which children's output is left unread
-STALL_S = 60.0  # unsent bytes making no progress this long: the worker is stuck, leave
+OUT_HIGH = 8 * 1024 * 1024  # unsent bytes above which the agent waits for the worker
+STALL_S = 60.0  # the worker reading nothing for this long is stuck: leave
 HEADER = struct.Struct(">I")
 PR_SET_PDEATHSIG = 1
 
@@ -265,6 +266,8 @@ def run_child(message: dict, function: tuple, agent_pid: int, fds: tuple) -> Non
             message_text = f"the output is not JSON-serialisable: {exc}"
             error = {"type": "OutputError", "message": message_text, "traceback": ""}
             data = encode_frame({"type": "error", "error": error})
+        os.close(1)  # the logs end before the outcome: the agent need not wait for our exit
+        os.close(2)
         write_all(msg_w, data)
         status = 0
     finally:
@@ -273,8 +276,7 @@ def run_child(message: dict, function: tuple, agent_pid: int, fds: tuple) -> Non
 
 class Execution:
     def __init__(self, message: dict, pid: int, fds: tuple, oom_before: int | None) -> None:
-        self.id = message["id"]
-        self.pid = pid
+        self.id, self.pid, self.oom_before = message["id"], pid, oom_before
         self.started = time.monotonic()
         timeout = message.get("timeout_s")
         self.deadline = self.started + timeout if timeout else None
@@ -282,52 +284,64 @@ class Execution:
         self.streams = {out_r: ("stdout", bytearray()), err_r: ("stderr", bytearray())}
         self.open_fds = set(fds)
         self.frames = FrameReader()
-        self.oom_before = oom_before
         self.outcome = None  # the child's result or error frame
-        self.finished = None  # monotonic time of the outcome or of the exit
-        self.status = None  # waitpid status once reaped
-        self.stop_reason = None
-        self.kill_at = None
+        self.finished = None  # monotonic time of the outcome, or of the exit
+        self.status = None  # wait status, once reaped
+        self.stop_reason = None  # "terminated" | "timeout"
+        self.kill_at = None  # SIGKILL time after a SIGTERM
+
+    def next_timer(self) -> float:
+        if self.status is not None:
+            return self.finished + DRAIN_S
+        if self.kill_at:
+            return self.kill_at
+        if self.deadline and self.outcome is None and self.stop_reason is None:
+            return self.deadline
+        return float("inf")
 
 
 class Agent:
+    """The single-threaded parent: a selector over the socket, the children's pipes and timers."""
+
     def __init__(self, config: dict, functions: dict, client: socket.socket) -> None:
-        self.config = config
         self.functions = functions
-        self.client = client
-        self.client.setblocking(False)
         self.concurrency = int(config.get("concurrency") or 1)
         self.heartbeat_s = float(config.get("heartbeat_s") or 1.0)
         self.oom_paths = oom_counter_paths()
-        self.executions = {}
+        self.executions = {}  # id -> Execution
         self.by_pid = {}
-        self.out = collections.deque()
-        self.out_size = 0
-        self.out_progress = time.monotonic()
-        self.logs_paused = False
+        self.client = client
+        self.client.setblocking(False)
         self.reader = FrameReader()
+        self.out = collections.deque()  # unsent frames (memoryviews)
+        self.out_size = 0
         self.exit_code = None
         self.sel = selectors.DefaultSelector()
-        self.wake_r, self.wake_w = os.pipe()
+        self.wake_r, self.wake_w = os.pipe()  # signals (SIGCHLD, SIGTERM) wake the selector
         os.set_blocking(self.wake_w, False)
         signal.set_wakeup_fd(self.wake_w, warn_on_full_buffer=False)
-        signal.signal(signal.SIGCHLD, lambda *_: None)  # only to wake the selector
+        signal.signal(signal.SIGCHLD, lambda *_: None)
         for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, self._on_terminate)
+            signal.signal(sig, lambda *_: setattr(self, "exit_code", 0))
         self.sel.register(self.wake_r, selectors.EVENT_READ, ("wake", None))
         self.sel.register(self.client, selectors.EVENT_READ, ("client", None))
 
-    def _on_terminate(self, *_) -> None:
-        self.exit_code = 0
-
-    # -- sending ----------------------------------------------------------------------
+    # -- to the worker ----------------------------------------------------------------
     def send(self, frame: dict) -> None:
         data = encode_frame(frame)
-        if not self.out:
-            self.out_progress = time.monotonic()
         self.out.append(memoryview(data))
         self.out_size += len(data)
         self.flush()
+        if self.out_size > OUT_HIGH:
+            # The worker reads slower than the functions write: wait for it, which leaves
+            # the children blocked on full pipes instead of growing our memory.
+            deadline = time.monotonic() + STALL_S
+            while self.out and self.exit_code is None:
+                left = deadline - time.monotonic()
+                if left <= 0 or not select.select([], [self.client], [], left)[1]:
+                    print("ferry-agent: the worker stopped reading; leaving", file=sys.stderr)
+                    self.exit_code = 2
+                self.flush()
 
     def flush(self) -> None:
         while self.out and self.exit_code is None:
@@ -338,29 +352,15 @@ class Agent:
             except OSError:
                 self.exit_code = 2
                 break
-            self.out_progress = time.monotonic()
             self.out_size -= sent
-            if sent == len(self.out[0]):
+            self.out[0] = self.out[0][sent:]
+            if not self.out[0]:
                 self.out.popleft()
-            else:
-                self.out[0] = self.out[0][sent:]
         if self.exit_code is None:
             events = selectors.EVENT_READ | (selectors.EVENT_WRITE if self.out else 0)
             self.sel.modify(self.client, events, ("client", None))
-            self._pause_logs(self.out_size > OUT_HIGH)
 
-    def _pause_logs(self, pause: bool) -> None:
-        if pause == self.logs_paused:
-            return
-        self.logs_paused = pause
-        for ex in self.executions.values():
-            for fd in ex.open_fds & set(ex.streams):
-                if pause:
-                    self.sel.unregister(fd)
-                else:
-                    self.sel.register(fd, selectors.EVENT_READ, ("log", ex))
-
-    # -- worker messages --------------------------------------------------------------
+    # -- from the worker --------------------------------------------------------------
     def on_client_readable(self) -> None:
         try:
             chunk = self.client.recv(1 << 20)
@@ -368,13 +368,12 @@ class Agent:
             return
         except OSError:
             chunk = b""
-        if not chunk:
-            self.exit_code = 2
-            return
         try:
             messages = self.reader.feed(chunk)
         except ValueError as exc:
             print(f"ferry-agent: protocol error from the worker: {exc}", file=sys.stderr)
+            chunk = b""
+        if not chunk:
             self.exit_code = 2
             return
         for message in messages:
@@ -382,7 +381,7 @@ class Agent:
             if kind == "execute":
                 self.execute(message)
             elif kind == "stop":
-                self.stop(message.get("id"))
+                self.stop(message.get("id"), "terminated")
             elif kind == "shutdown":
                 self.exit_code = 0
             else:
@@ -390,108 +389,95 @@ class Agent:
 
     def execute(self, message: dict) -> None:
         exec_id = message.get("id")
+        function = self.functions.get(message.get("function"))
         if not isinstance(exec_id, str) or exec_id in self.executions:
             print(f"ferry-agent: ignoring execute with id {exec_id!r}", file=sys.stderr)
-            return
-        function = self.functions.get(message.get("function"))
-        if function is None:
+        elif function is None:
             text = f"no function {message.get('function')!r} in this service"
-            return self._reply_error(exec_id, "FunctionNotFound", text)
-        if len(self.executions) >= self.concurrency:
+            self.reply_error(exec_id, "FunctionNotFound", text)
+        elif len(self.executions) >= self.concurrency:
             text = f"all {self.concurrency} execution slots of this replica are busy"
-            return self._reply_error(exec_id, "AgentBusy", text)
-        out_r, out_w = os.pipe()
-        err_r, err_w = os.pipe()
-        msg_r, msg_w = os.pipe()
+            self.reply_error(exec_id, "AgentBusy", text)
+        else:
+            self.fork(message, function)
+
+    def reply_error(self, exec_id: str, kind: str, text: str) -> None:
+        error = {"type": kind, "message": text, "traceback": ""}
+        self.send({"type": "error", "id": exec_id, "error": error, "duration_ms": 0})
+
+    def fork(self, message: dict, function: tuple) -> None:
+        (out_r, out_w), (err_r, err_w), (msg_r, msg_w) = os.pipe(), os.pipe(), os.pipe()
         oom_before = read_oom_kills(self.oom_paths)
         sys.stdout.flush()
         sys.stderr.flush()
         pid = os.fork()
         if pid == 0:
             signal.set_wakeup_fd(-1)
-            for fd in [*self._parent_fds(), out_r, err_r, msg_r]:
+            parent_fds = [self.client.fileno(), self.wake_r, self.wake_w, self.sel.fileno()]
+            for ex in self.executions.values():
+                parent_fds.extend(ex.open_fds)
+            for fd in [*parent_fds, out_r, err_r, msg_r]:
                 os.close(fd)
             run_child(message, function, os.getppid(), (out_w, err_w, msg_w))
         for fd in (out_w, err_w, msg_w):
             os.close(fd)
         ex = Execution(message, pid, (out_r, err_r, msg_r), oom_before)
-        self.executions[ex.id] = ex
-        self.by_pid[pid] = ex
-        self.sel.register(msg_r, selectors.EVENT_READ, ("msg", ex))
-        if not self.logs_paused:
-            for fd in ex.streams:
-                self.sel.register(fd, selectors.EVENT_READ, ("log", ex))
+        self.executions[ex.id] = self.by_pid[pid] = ex
+        for fd in ex.open_fds:
+            self.sel.register(fd, selectors.EVENT_READ, ("child", ex))
 
-    def _reply_error(self, exec_id, kind: str, text: str) -> None:
-        error = {"type": kind, "message": text, "traceback": ""}
-        self.send({"type": "error", "id": exec_id, "error": error, "duration_ms": 0})
-
-    def _parent_fds(self) -> list:
-        fds = [self.client.fileno(), self.wake_r, self.wake_w, self.sel.fileno()]
-        for ex in self.executions.values():
-            fds.extend(ex.open_fds)
-        return fds
-
-    def stop(self, exec_id, reason: str = "terminated") -> None:
+    def stop(self, exec_id, reason: str) -> None:
         ex = self.executions.get(exec_id)
         if ex is None or ex.status is not None or ex.outcome or ex.stop_reason:
             return  # finished, finishing or already being stopped: its frame will come
         ex.stop_reason = reason
         if reason == "timeout":
-            self._kill(ex, signal.SIGKILL)
+            self.kill(ex, signal.SIGKILL)
         else:
-            self._kill(ex, signal.SIGTERM)
+            self.kill(ex, signal.SIGTERM)
             ex.kill_at = time.monotonic() + STOP_GRACE_S
 
-    def _kill(self, ex: Execution, sig: int) -> None:
+    def kill(self, ex: Execution, sig: int) -> None:
         try:
-            os.killpg(ex.pid, sig)
+            os.killpg(ex.pid, sig)  # the child, and every process it started
         except OSError:
             pass
 
-    # -- children ---------------------------------------------------------------------
-    def on_log_readable(self, ex: Execution, fd: int) -> None:
-        chunk = os.read(fd, 65536)
-        stream, buf = ex.streams[fd]
-        buf += chunk
-        for text in split_lines(buf, final=not chunk):
-            at = time.time()
-            self.send({"type": "log", "id": ex.id, "stream": stream, "text": text, "at": at})
+    # -- from the children ------------------------------------------------------------
+    def on_child_data(self, ex: Execution, fd: int, chunk: bytes) -> None:
+        """Handles bytes from one of a child's pipes; empty bytes mean the pipe is done."""
+        if fd == ex.msg_fd:
+            try:
+                frames = ex.frames.feed(chunk)
+            except ValueError:  # not our frames: something else wrote to the pipe
+                frames = []
+            for frame in frames:
+                if frame.get("type") == "progress":
+                    self.send(dict(frame, id=ex.id))
+                elif ex.outcome is None:
+                    ex.outcome = frame
+                    ex.finished = ex.finished or time.monotonic()
+        else:
+            stream, buf = ex.streams[fd]
+            buf += chunk
+            for text in split_lines(buf, final=not chunk):
+                at = time.time()
+                self.send({"type": "log", "id": ex.id, "stream": stream, "text": text, "at": at})
         if not chunk:
-            self._close_fd(ex, fd)
-
-    def on_msg_readable(self, ex: Execution) -> None:
-        chunk = os.read(ex.msg_fd, 1 << 20)
-        if not chunk:
-            return self._close_fd(ex, ex.msg_fd)
-        try:
-            frames = ex.frames.feed(chunk)
-        except ValueError:
-            frames = []
-        for frame in frames:
-            if frame.get("type") == "progress":
-                self.send(dict(frame, id=ex.id))
-            elif frame.get("type") in ("result", "error") and ex.outcome is None:
-                ex.outcome = frame
-                ex.finished = ex.finished or time.monotonic()
-
-    def _close_fd(self, ex: Execution, fd: int) -> None:
-        if fd in ex.open_fds:
             ex.open_fds.discard(fd)
-            if fd == ex.msg_fd or not self.logs_paused:
-                self.sel.unregister(fd)
+            self.sel.unregister(fd)
             os.close(fd)
 
     def reap(self) -> None:
         for ex in self.executions.values():
             if ex.status is None:
-                try:  # WNOWAIT keeps the zombie, so its process group id cannot be reused
-                    info = os.waitid(os.P_PID, ex.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT)
+                try:  # WNOWAIT leaves the zombie, so its process group id cannot be reused
+                    exited = os.waitid(os.P_PID, ex.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT)
                 except ChildProcessError:
-                    info = None
-                if info is not None:
-                    self._kill(ex, signal.SIGKILL)  # whatever it left running
-        while True:  # as PID 1 we also reap orphans the functions left behind
+                    exited = None
+                if exited is not None:
+                    self.kill(ex, signal.SIGKILL)  # whatever it left running
+        while True:  # as a container's PID 1 we also reap the orphans functions leave
             try:
                 pid, status = os.waitpid(-1, os.WNOHANG)
             except ChildProcessError:
@@ -502,58 +488,50 @@ class Agent:
             if ex is not None:
                 ex.status = status
                 ex.finished = ex.finished or time.monotonic()
-                self._kill(ex, signal.SIGKILL)
+                self.kill(ex, signal.SIGKILL)
 
     def finish(self, ex: Execution) -> None:
-        for fd in list(ex.open_fds):  # take what is left in the pipes, without waiting
+        """Sends the execution's last log lines, then its final frame."""
+        if ex.status is None:  # it reported and is exiting: end it and what it left running
+            self.kill(ex, signal.SIGKILL)
+        for fd in list(ex.open_fds):  # what is left in the pipes, without waiting
             os.set_blocking(fd, False)
-            try:
-                while fd in ex.open_fds:
-                    if fd == ex.msg_fd:
-                        self.on_msg_readable(ex)
-                    else:
-                        self.on_log_readable(ex, fd)
-            except BlockingIOError:
-                pass
-            self._close_fd(ex, fd)
-        for stream, buf in ex.streams.values():
-            for text in split_lines(buf, final=True):
-                at = time.time()
-                self.send({"type": "log", "id": ex.id, "stream": stream, "text": text, "at": at})
+            while fd in ex.open_fds:
+                try:
+                    chunk = os.read(fd, 1 << 20)
+                except BlockingIOError:  # held open by a process that escaped the group
+                    chunk = b""
+                self.on_child_data(ex, fd, chunk)
         del self.executions[ex.id]
-        duration_ms = round((ex.finished - ex.started) * 1000, 1)
         if ex.outcome is not None:
-            frame = dict(ex.outcome, id=ex.id, duration_ms=duration_ms)
+            frame = dict(ex.outcome)
         elif ex.stop_reason is not None:
-            frame = {"type": "stopped", "id": ex.id, "reason": ex.stop_reason}
-            frame["duration_ms"] = duration_ms
+            frame = {"type": "stopped", "reason": ex.stop_reason}
         else:
-            frame = {"type": "error", "id": ex.id, "error": self._death(ex)}
-            frame["duration_ms"] = duration_ms
+            frame = {"type": "error", "error": self.death(ex)}
+        frame.update(id=ex.id, duration_ms=round((ex.finished - ex.started) * 1000, 1))
         self.send(frame)
 
-    def _death(self, ex: Execution) -> dict:
-        if os.WIFSIGNALED(ex.status):
-            sig = os.WTERMSIG(ex.status)
-            try:
-                name = signal.Signals(sig).name
-            except ValueError:
-                name = "unknown"
-            after = read_oom_kills(self.oom_paths)
-            if (
-                sig == signal.SIGKILL
-                and None not in (ex.oom_before, after)
-                and after > ex.oom_before
-            ):
-                text = "killed by the out-of-memory killer: the replica's memory limit was reached"
-                return {"type": "OutOfMemory", "message": text, "traceback": "", "signal": sig}
-            text = f"the function's process was killed by signal {sig} ({name})"
-            if sig == signal.SIGKILL and None in (ex.oom_before, after):
-                text += ", possibly by the out-of-memory killer"
-            return {"type": "Crashed", "message": text, "traceback": "", "signal": sig}
-        code = os.WEXITSTATUS(ex.status)
-        text = f"the function's process exited with code {code} before returning"
-        return {"type": "Crashed", "message": text, "traceback": "", "exit_code": code}
+    def death(self, ex: Execution) -> dict:
+        """The error of a child that died without reporting: OOM-killed, or crashed."""
+        if not os.WIFSIGNALED(ex.status):
+            code = os.WEXITSTATUS(ex.status)
+            text = f"the function's process exited with code {code} before returning"
+            return {"type": "Crashed", "message": text, "traceback": "", "exit_code": code}
+        sig = os.WTERMSIG(ex.status)
+        after = read_oom_kills(self.oom_paths)
+        known = None not in (ex.oom_before, after)
+        if sig == signal.SIGKILL and known and after > ex.oom_before:
+            text = "killed by the out-of-memory killer: the replica's memory limit was reached"
+            return {"type": "OutOfMemory", "message": text, "traceback": "", "signal": sig}
+        try:
+            name = signal.Signals(sig).name
+        except ValueError:
+            name = "unknown"
+        text = f"the function's process was killed by signal {sig} ({name})"
+        if sig == signal.SIGKILL and not known:
+            text += ", possibly by the out-of-memory killer"
+        return {"type": "Crashed", "message": text, "traceback": "", "signal": sig}
 
     # -- loop -------------------------------------------------------------------------
     def serve(self) -> int:
@@ -562,61 +540,44 @@ class Agent:
         self.send(ready)
         next_beat = time.monotonic() + self.heartbeat_s
         while self.exit_code is None:
-            now = time.monotonic()
-            timeout = min(
-                [next_beat, now + 1.0] + [self._next_timer(ex) for ex in self.executions.values()]
-            )
-            for key, events in self.sel.select(max(0.0, timeout - now)):
+            timers = [next_beat, *(ex.next_timer() for ex in self.executions.values())]
+            timeout = max(0.0, min(timers) - time.monotonic())
+            for key, events in self.sel.select(min(timeout, 1.0)):
                 kind, ex = key.data
-                if kind == "client":
-                    if events & selectors.EVENT_READ:
-                        self.on_client_readable()
-                    if events & selectors.EVENT_WRITE:
-                        self.flush()
+                if kind == "client" and events & selectors.EVENT_WRITE:
+                    self.flush()
+                if kind == "client" and events & selectors.EVENT_READ:
+                    self.on_client_readable()
                 elif kind == "wake":
                     os.read(self.wake_r, 4096)
-                elif kind == "msg":
-                    self.on_msg_readable(ex)
-                elif key.fd in ex.open_fds:
-                    self.on_log_readable(ex, key.fd)
+                elif kind == "child" and key.fd in ex.open_fds:
+                    self.on_child_data(ex, key.fd, os.read(key.fd, 1 << 20))
             self.reap()
             now = time.monotonic()
             for ex in list(self.executions.values()):
-                if ex.status is not None:
-                    if not ex.open_fds or now >= ex.finished + DRAIN_S:
-                        self.finish(ex)
-                elif ex.deadline and now >= ex.deadline and ex.stop_reason is None:
-                    self.stop(ex.id, "timeout")
-                elif ex.kill_at and now >= ex.kill_at:
-                    self._kill(ex, signal.SIGKILL)
+                reported = ex.outcome is not None and not ex.open_fds & ex.streams.keys()
+                drained = ex.status is not None and (
+                    not ex.open_fds or now >= ex.finished + DRAIN_S
+                )
+                if reported or drained:
+                    self.finish(ex)
+                elif ex.status is None and ex.kill_at and now >= ex.kill_at:
+                    self.kill(ex, signal.SIGKILL)
                     ex.kill_at = None
+                elif ex.status is None and ex.deadline and now >= ex.deadline:
+                    self.stop(ex.id, "timeout")
             if now >= next_beat:
                 self.send({"type": "heartbeat", "running": sorted(self.executions)})
                 next_beat = now + self.heartbeat_s
-            if self.out and now - self.out_progress > STALL_S:
-                print("ferry-agent: the worker stopped reading; leaving", file=sys.stderr)
-                self.exit_code = 2
-        self.shutdown()
-        return self.exit_code
-
-    def _next_timer(self, ex: Execution) -> float:
-        if ex.status is not None:
-            return ex.finished + DRAIN_S
-        if ex.kill_at:
-            return ex.kill_at
-        if ex.deadline and ex.outcome is None and ex.stop_reason is None:
-            return ex.deadline
-        return float("inf")
-
-    def shutdown(self) -> None:
         for ex in self.executions.values():
-            self._kill(ex, signal.SIGKILL)
+            self.kill(ex, signal.SIGKILL)
         for ex in self.executions.values():
             try:
                 os.waitpid(ex.pid, 0)
             except ChildProcessError:
                 pass
         self.client.close()
+        return self.exit_code
 
 
 def listen(path: str) -> socket.socket:
