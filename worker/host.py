@@ -268,15 +268,18 @@ class WorkerHost:
         service_id = service["id"]
         mine = self._mine(service_id)
         # Rolled over: replicas of an older generation drain once a new one is ready.
-        new_ready = await self.pool.fetchval(
-            """SELECT count(*) FROM replicas WHERE service_id = $1 AND generation = $2
-               AND status = 'ready'""",
-            service_id,
-            service["generation"],
-        )
-        for replica in mine:
-            if replica.service.generation < service["generation"] and replica.status == "ready":
-                if new_ready or desired == 0:
+        outdated = [
+            r for r in mine if r.service.generation < service["generation"] and r.status == "ready"
+        ]
+        if outdated:
+            new_ready = await self.pool.fetchval(
+                """SELECT count(*) FROM replicas WHERE service_id = $1 AND generation = $2
+                   AND status = 'ready'""",
+                service_id,
+                service["generation"],
+            )
+            if new_ready or desired == 0:
+                for replica in outdated:
                     self._spawn(
                         replica.drain("rolled over to a new generation"), f"drain {replica.id}"
                     )
