@@ -278,7 +278,8 @@ class WorkerHost:
                 service_id,
                 service["generation"],
             )
-            if new_ready or desired == 0:
+            # A full worker drains anyway: the new generation needs the room.
+            if new_ready or desired == 0 or self._free_capacity() <= 0:
                 for replica in outdated:
                     self._spawn(
                         replica.drain("rolled over to a new generation"), f"drain {replica.id}"
