@@ -7,6 +7,7 @@ import logging
 import sys
 import time
 
+from core.log_context import ContextFilter
 from core.settings import Settings
 
 # Attributes every LogRecord has; anything else was passed with `extra=` and is kept.
@@ -43,6 +44,7 @@ def setup_logging(settings: Settings, process: str) -> None:
                 f"%(asctime)s {process:<9} %(levelname)-7s %(name)s: %(message)s", "%H:%M:%S"
             )
         )
+    handler.addFilter(ContextFilter())
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(settings.log_level.upper())

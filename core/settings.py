@@ -27,6 +27,9 @@ class Settings(BaseSettings):
 
     api_host: str = "127.0.0.1"
     api_port: int = 8700
+    # Worker and scheduler processes serve their own /metrics on api_host; 0 disables.
+    metrics_port_worker: int = 8701
+    metrics_port_scheduler: int = 8702
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     log_format: Literal["auto", "json", "text"] = "auto"
 

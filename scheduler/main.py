@@ -5,9 +5,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 
+from core.metrics_server import serve_metrics
 from core.resources import open_resources, stop_on_signals
 from core.settings import Settings
+from scheduler.metrics import SchedulerMetrics
 from scheduler.reconciler import Reconciler
 
 log = logging.getLogger(__name__)
@@ -16,12 +19,20 @@ log = logging.getLogger(__name__)
 async def run_scheduler(settings: Settings) -> None:
     stop = stop_on_signals()
     async with open_resources(settings, pool_size=5) as res:
-        reconciler = Reconciler(res.pool, res.redis)
+        metrics = SchedulerMetrics()
+        stop_metrics = serve_metrics(
+            metrics.registry, settings.api_host, settings.metrics_port_scheduler, "scheduler"
+        )
+        reconciler = Reconciler(res.pool, res.redis, metrics)
         log.info("scheduler up: reconciling every %.1f s", settings.reconcile_interval_s)
+        due = time.monotonic()
         while not stop.is_set():
+            metrics.lag.observe(max(time.monotonic() - due, 0.0))
             try:
                 await reconciler.run_once()
             except Exception:
                 log.exception("reconcile round failed; trying again")
+            due = time.monotonic() + settings.reconcile_interval_s
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), settings.reconcile_interval_s)
+        await asyncio.to_thread(stop_metrics)

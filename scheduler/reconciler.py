@@ -13,6 +13,7 @@ Any number of schedulers may run it at once: every step is conditional or idempo
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass
 
 import asyncpg
@@ -21,6 +22,7 @@ from arq.constants import in_progress_key_prefix, job_key_prefix
 
 from core import events, queue, states
 from core.states import Reason
+from scheduler.metrics import SchedulerMetrics
 
 log = logging.getLogger(__name__)
 
@@ -39,17 +41,22 @@ class RoundReport:
 
 
 class Reconciler:
-    def __init__(self, pool: asyncpg.Pool, redis: ArqRedis) -> None:
+    def __init__(
+        self, pool: asyncpg.Pool, redis: ArqRedis, metrics: SchedulerMetrics | None = None
+    ) -> None:
         self.pool = pool
         self.redis = redis
+        self.metrics = metrics or SchedulerMetrics()
 
     async def run_once(self) -> RoundReport:
+        started = time.perf_counter()
         report = RoundReport()
         await self._expire_leases(report)
         await self._forget_dead_workers(report)
         await self._requeue_missing(report)
         if report.leases_expired or report.workers_lost or report.requeued:
             log.info("reconciled: %s", report)
+        self.metrics.round_done(report, time.perf_counter() - started)
         return report
 
     async def _expire_leases(self, report: RoundReport) -> None:

@@ -15,6 +15,7 @@ from core.settings import Settings
 from service import waiters
 from service.http import endpoint, errors_middleware
 from service.keys import DB, PRINCIPAL_CACHE, REDIS, SECRETS, SETTINGS, WAITERS
+from service.metrics import METRICS, METRICS_ROUTE, ApiMetrics, metrics_middleware
 from service.openapi import add_openapi_routes
 from service.routes import ROUTES
 
@@ -24,7 +25,7 @@ log = logging.getLogger("ferry.api")
 def create_app(settings: Settings, db: asyncpg.Pool, redis: ArqRedis, dsn: str) -> web.Application:
     """Build the API; `db` and `redis` are owned by the caller, `dsn` opens the LISTEN link."""
     app = web.Application(
-        middlewares=[errors_middleware],
+        middlewares=[metrics_middleware, errors_middleware],
         client_max_size=(settings.max_upload_mb + 1) * 1024 * 1024,
     )
     app[SETTINGS] = settings
@@ -32,6 +33,7 @@ def create_app(settings: Settings, db: asyncpg.Pool, redis: ArqRedis, dsn: str) 
     app[REDIS] = redis
     app[SECRETS] = SecretBox.from_settings(settings)
     app[PRINCIPAL_CACHE] = {}
+    app[METRICS] = ApiMetrics(db, redis)
 
     async def listen_for_finished(app: web.Application) -> AsyncIterator[None]:
         async with waiters.listen(dsn) as listener:
@@ -39,7 +41,8 @@ def create_app(settings: Settings, db: asyncpg.Pool, redis: ArqRedis, dsn: str) 
             yield
 
     app.cleanup_ctx.append(listen_for_finished)
-    for route in ROUTES:
+    routes = [*ROUTES, METRICS_ROUTE]
+    for route in routes:
         app.router.add_route(route.method, route.path, endpoint(route))
-    add_openapi_routes(app, ROUTES, version("ferry"))
+    add_openapi_routes(app, routes, version("ferry"))
     return app

@@ -16,6 +16,7 @@ import redis.exceptions
 from aiohttp import web
 from pydantic import BaseModel, TypeAdapter, ValidationError
 
+from core import log_context
 from core.auth import Principal, authenticate
 from core.errors import BadRequest, FerryError, Invalid, TooLarge, Unavailable
 from service.keys import DB, PRINCIPAL, PRINCIPAL_CACHE, REQUEST_ID
@@ -164,6 +165,7 @@ async def errors_middleware(request: web.Request, handler: Handler) -> web.Strea
     """Every failure leaves as `{"error": {code, message, details}}`; never a traceback."""
     request_id = request.headers.get("X-Request-Id") or uuid.uuid4().hex[:16]
     request[REQUEST_ID] = request_id
+    log_context.request_id.set(request_id)  # for this request's task: log lines carry it
     try:
         response = await handler(request)
     except FerryError as exc:

@@ -26,11 +26,13 @@ from arq.connections import ArqRedis
 
 from core import events, queue
 from core.ids import new_id
+from core.metrics_server import serve_metrics
 from core.packages import load_manifest
 from core.secrets import SecretBox
 from core.settings import Settings
 from worker.autoscale import desired_replicas
 from worker.codebases import CodebaseCache
+from worker.metrics import WorkerMetrics
 from worker.replica import Replica, ServiceConfig
 from worker.runtimes import Runtime, detect_runtime
 
@@ -65,6 +67,8 @@ class WorkerHost:
         self._background: set[asyncio.Task[Any]] = set()
         self._docker_client: Any = None
         self.shutting_down = False
+        self.metrics = WorkerMetrics(self)
+        self._stop_metrics = lambda: None
 
     # -- process lifecycle -------------------------------------------------------------------
 
@@ -76,6 +80,12 @@ class WorkerHost:
             self.host,
             self.runtime.name,
             self.settings.worker_capacity,
+        )
+        self._stop_metrics = serve_metrics(
+            self.metrics.registry,
+            self.settings.api_host,
+            self.settings.metrics_port_worker,
+            "worker",
         )
         removed = await self.runtime.cleanup_orphans(await self._replicas_kept_on_this_host())
         if removed:
@@ -116,6 +126,7 @@ class WorkerHost:
         )
         await self.pool.execute("DELETE FROM workers WHERE id = $1", self.id)
         await self.runtime.close()
+        await asyncio.to_thread(self._stop_metrics)
 
     async def _replicas_kept_on_this_host(self) -> set[str]:
         # Other worker processes on this host keep theirs: only ids no live replica row has go.
@@ -412,6 +423,9 @@ class WorkerHost:
             "replica",
             replica.id,
             {"service": replica.service.id, "message": message, "host": self.host},
+        )
+        await events.service_lifecycle(
+            self.redis, replica.service.id, replica.id, status, message
         )
 
     # -- images ------------------------------------------------------------------------------

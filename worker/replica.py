@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 import arq
 from arq.worker import Retry
 
-from core import events, queue, states
+from core import events, log_context, queue, states
 from core.errors import Invalid
 from core.manifest import FunctionSpec, Manifest, find_module, validate_output
 from core.states import ExecutionStatus, Reason
@@ -107,9 +107,11 @@ class Replica:
             await self.agent.connect(host.runtime.socket_path(self.handle), timeout_s=60)
             ready = await asyncio.wait_for(self.agent.wait_ready(), 300)
         except Exception as exc:
+            host.metrics.cold_start(service.id, None)
             await self._fail(f"start failed: {exc}", detail=await self._exit_detail())
             raise
         cold_start_ms = int((time.monotonic() - self.started_at) * 1000)
+        host.metrics.cold_start(service.id, cold_start_ms / 1000)
         self.status = "ready"
         await host.set_replica_status(
             self, "ready", f"ready in {cold_start_ms} ms", cold_start_ms=cold_start_ms
@@ -237,6 +239,7 @@ class Replica:
     async def run(self, execution_id: str) -> bool:
         """Claim and run one execution; True when it was handed back for a retry."""
         host = self.host
+        log_context.execution_id.set(execution_id)  # this job's task: its log lines carry it
         async with host.pool.acquire() as conn:
             row = await states.claim(
                 conn,
@@ -248,6 +251,7 @@ class Replica:
         if row is None:
             return False  # finished, terminated, or taken by another worker already
         attempt = row["attempt"]
+        host.metrics.claimed(row)
         self.running[execution_id] = attempt
         host.running[execution_id] = self
         host.note_activity(self.service.id)
@@ -419,6 +423,7 @@ class Replica:
                 )
         if finished is None:
             return None  # the lease was taken back meanwhile: another attempt owns the outcome
+        host.metrics.finished(finished)
         kind = (
             "retrying" if finished["status"] == ExecutionStatus.in_progress else finished["status"]
         )
