@@ -42,6 +42,16 @@ class ExecutionList(ProjectFilter):
     created_before: datetime | None = None
 
 
+class TriggerList(ProjectFilter):
+    type: str | None = Field(default=None, description="cron or event")
+    active: bool | None = None
+    service: str | None = None
+
+
+class FireTimesQuery(Query):
+    count: int = Field(default=5, ge=1, le=100)
+
+
 class CounterQuery(Query):
     project: str | None = None
     service: str | None = None

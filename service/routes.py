@@ -15,7 +15,8 @@ from core.packages import Package, RevisionSummary
 from core.pagination import Page
 from core.projects import Project, ProjectCreate, ProjectPatch
 from core.services import Service, ServiceCreate, ServicePatch, ServiceStatus
-from service import executions, health, packages, projects, services
+from core.triggers import FireTimes, Trigger, TriggerCreate, TriggerPatch
+from service import executions, health, packages, projects, services, triggers
 from service import queries as q
 from service.http import Route
 
@@ -358,5 +359,83 @@ ROUTES: list[Route] = [
         query=q.LogQuery,
         response=Page[LogLine],
         errors=(404,),
+    ),
+    # Triggers
+    Route(
+        "POST",
+        f"{V1}/triggers",
+        triggers.create_trigger,
+        "Create a cron or event trigger",
+        "triggers",
+        body=TriggerCreate,
+        response=Trigger,
+        status=201,
+        errors=(403, 404, 409, 422),
+    ),
+    Route(
+        "GET",
+        f"{V1}/triggers",
+        triggers.list_triggers,
+        "List triggers",
+        "triggers",
+        query=q.TriggerList,
+        response=Page[Trigger],
+        errors=(422,),
+    ),
+    Route(
+        "GET",
+        f"{V1}/triggers/{{id}}",
+        triggers.get_trigger,
+        "Get a trigger",
+        "triggers",
+        response=Trigger,
+        errors=(404,),
+    ),
+    Route(
+        "PATCH",
+        f"{V1}/triggers/{{id}}",
+        triggers.update_trigger,
+        "Update a trigger (a new cron spec reschedules from now)",
+        "triggers",
+        body=TriggerPatch,
+        response=Trigger,
+        errors=(403, 404, 409, 422),
+    ),
+    Route(
+        "DELETE",
+        f"{V1}/triggers/{{id}}",
+        triggers.delete_trigger,
+        "Delete a trigger",
+        "triggers",
+        status=204,
+        errors=(403, 404),
+    ),
+    Route(
+        "POST",
+        f"{V1}/triggers/{{id}}/pause",
+        triggers.pause_trigger,
+        "Pause a trigger (active: false)",
+        "triggers",
+        response=Trigger,
+        errors=(403, 404),
+    ),
+    Route(
+        "POST",
+        f"{V1}/triggers/{{id}}/resume",
+        triggers.resume_trigger,
+        "Resume a trigger (a cron trigger resumes from now, without catch-up)",
+        "triggers",
+        response=Trigger,
+        errors=(403, 404),
+    ),
+    Route(
+        "GET",
+        f"{V1}/triggers/{{id}}/next",
+        triggers.next_fire_times,
+        "Preview a cron trigger's next fire times",
+        "triggers",
+        query=q.FireTimesQuery,
+        response=FireTimes,
+        errors=(404, 422),
     ),
 ]

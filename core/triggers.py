@@ -1,0 +1,377 @@
+"""Triggers: cron and event triggers that create executions of a service's function.
+
+The store (create, read, list, update, delete) and the cron arithmetic both the API
+(`/triggers/{id}/next`) and the scheduler use. Firing lives in `scheduler/cron.py` and
+`scheduler/event_triggers.py`.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta
+from typing import Annotated, Any, Literal
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+import asyncpg
+from croniter import croniter
+from pydantic import Field, ValidationError
+from redis.asyncio import Redis
+from redis.exceptions import ResponseError
+
+from core import filters
+from core.auth import Principal, Role
+from core.errors import Conflict, Invalid, NotFound
+from core.events import EVENTS_STREAM
+from core.ids import new_id
+from core.manifest import find_function, validate_inputs
+from core.models import Model, Request, Timestamp, utcnow
+from core.packages import load_manifest
+from core.pagination import Keyset, Order, page_of
+
+NAME_PATTERN = r"^[a-z0-9][a-z0-9-]{0,62}$"
+EVENT_INPUT = "event"  # the input an event trigger's function receives the event under
+EVENTS_GROUP = "ferry-triggers"  # the schedulers' consumer group on the events stream
+
+
+async def ensure_events_group(redis: Redis) -> None:
+    """Create the consumer group at `$` unless it exists (see scheduler/event_triggers.py)."""
+    try:
+        await redis.xgroup_create(EVENTS_STREAM, EVENTS_GROUP, id="$", mkstream=True)
+    except ResponseError as exc:
+        if "BUSYGROUP" not in str(exc):
+            raise
+
+
+class FunctionOperation(Request):
+    type: Literal["function"]
+    service: str
+    function: str
+
+
+# A tagged union on `type`: pipelines join it as another member.
+Operation = Annotated[FunctionOperation, Field(discriminator="type")]
+
+
+class CronSpec(Request):
+    cron: str = Field(description="5 fields, or 6 with seconds first")
+    timezone: str = "UTC"
+    start_at: datetime | None = None
+    end_at: datetime | None = None
+    misfire: Literal["skip", "run-once", "run-all"] = "run-once"
+
+
+class EventSpec(Request):
+    resource: str = Field(min_length=1, max_length=100)
+    actions: list[str] = Field(default_factory=list, description="empty: any action")
+    filter: dict[str, Any] = Field(default_factory=dict, description="see docs/triggers.md")
+    mode: Literal["always", "once"] = "always"
+
+
+class TriggerCreate(Request):
+    project: str
+    name: str = Field(pattern=NAME_PATTERN)
+    type: Literal["cron", "event"]
+    active: bool = True
+    input: dict[str, Any] = Field(default_factory=dict)
+    operation: Operation
+    spec: dict[str, Any] = Field(description="a CronSpec for cron triggers, an EventSpec for event")
+
+
+class TriggerPatch(Request):
+    name: str | None = Field(default=None, pattern=NAME_PATTERN)
+    active: bool | None = None
+    input: dict[str, Any] | None = None
+    operation: Operation | None = None
+    spec: dict[str, Any] | None = Field(default=None, description="replaces the whole spec")
+
+
+class Trigger(Model):
+    id: str
+    project: str
+    name: str
+    type: Literal["cron", "event"]
+    active: bool
+    input: dict[str, Any]
+    operation: Operation
+    spec: CronSpec | EventSpec
+    status: Literal["ok", "skipped", "error", "finished"]
+    last_error: str | None
+    next_fire_at: Timestamp | None
+    last_fired_at: Timestamp | None
+    created_at: Timestamp
+    updated_at: Timestamp
+
+
+class FireTimes(Model):
+    items: list[Timestamp]
+
+
+def trigger_from_row(row: asyncpg.Record) -> Trigger:
+    spec_model = CronSpec if row["type"] == "cron" else EventSpec
+    return Trigger(
+        id=row["id"],
+        project=row["project_id"],
+        name=row["name"],
+        type=row["type"],
+        active=row["active"],
+        input=row["input"],
+        operation=FunctionOperation.model_validate(row["operation"]),
+        spec=spec_model.model_validate(row["spec"]),
+        status=row["status"],
+        last_error=row["last_error"],
+        next_fire_at=row["next_fire_at"],
+        last_fired_at=row["last_fired_at"],
+        created_at=row["created_at"],
+        updated_at=row["updated_at"],
+    )
+
+
+# Cron arithmetic ------------------------------------------------------------------------
+
+
+def _cron(spec: CronSpec, start: datetime) -> croniter:
+    # Six fields means seconds first (the Quartz/Spring habit); croniter puts them last.
+    seconds = len(spec.cron.split()) == 6
+    return croniter(
+        spec.cron, start.astimezone(ZoneInfo(spec.timezone)), second_at_beginning=seconds
+    )
+
+
+def next_fire_time(spec: CronSpec, after: datetime) -> datetime | None:
+    """The first tick strictly after `after` (and not before `start_at`), None past `end_at`."""
+    if spec.start_at is not None and after < spec.start_at:
+        after = spec.start_at - timedelta(microseconds=1)
+    tick = _cron(spec, after).get_next(datetime)
+    if spec.end_at is not None and tick > spec.end_at:
+        return None
+    return tick
+
+
+def fire_times(spec: CronSpec, after: datetime, count: int) -> list[datetime]:
+    times: list[datetime] = []
+    current: datetime | None = after
+    while len(times) < count and current is not None:
+        current = next_fire_time(spec, current)
+        if current is not None:
+            times.append(current)
+    return times
+
+
+def ticks_between(spec: CronSpec, first: datetime, now: datetime, limit: int) -> list[datetime]:
+    """Ticks in [first, now], newest first, at most `limit` (walks back from `now`, so a
+    long outage costs `limit` steps, not one per missed tick)."""
+    if spec.end_at is not None and now > spec.end_at:
+        now = spec.end_at
+    iterator = _cron(spec, now + timedelta(seconds=1))
+    ticks: list[datetime] = []
+    while len(ticks) < limit:
+        tick = iterator.get_prev(datetime)
+        if tick < first:
+            break
+        if tick <= now:
+            ticks.append(tick)
+    return ticks
+
+
+# Validation -----------------------------------------------------------------------------
+
+
+def _invalid(exc: ValidationError, prefix: str) -> Invalid:
+    details = [
+        {"field": ".".join([prefix, *(str(p) for p in e["loc"])]), "message": e["msg"]}
+        for e in exc.errors(include_url=False)
+    ]
+    first = details[0]
+    return Invalid(f"{first['field']}: {first['message']}", details)
+
+
+def parse_spec(type_: str, raw: dict[str, Any]) -> CronSpec | EventSpec:
+    model = CronSpec if type_ == "cron" else EventSpec
+    try:
+        spec = model.model_validate(raw)
+    except ValidationError as exc:
+        raise _invalid(exc, "spec") from None
+    if isinstance(spec, EventSpec):
+        filters.validate_filter(spec.filter, "spec.filter")
+        return spec
+    fields = spec.cron.split()
+    if len(fields) not in (5, 6) or not croniter.is_valid(
+        spec.cron, second_at_beginning=len(fields) == 6
+    ):
+        raise Invalid.field("spec.cron", "not a cron expression of 5 fields (or 6, seconds first)")
+    try:
+        ZoneInfo(spec.timezone)
+    except (ZoneInfoNotFoundError, ValueError):
+        raise Invalid.field("spec.timezone", "not an IANA time zone name") from None
+    for name in ("start_at", "end_at"):
+        value = getattr(spec, name)
+        if value is not None and value.tzinfo is None:
+            raise Invalid.field(f"spec.{name}", "needs a UTC offset (e.g. a trailing Z)")
+    if spec.start_at and spec.end_at and spec.end_at <= spec.start_at:
+        raise Invalid.field("spec.end_at", "must be after start_at")
+    return spec
+
+
+async def _check_operation(
+    conn: asyncpg.Connection,
+    project_id: str,
+    type_: str,
+    operation: FunctionOperation,
+    given_input: dict[str, Any],
+) -> None:
+    service = await conn.fetchrow(
+        "SELECT project_id, package_id, package_revision, module FROM services WHERE id = $1",
+        operation.service,
+    )
+    if service is None or service["project_id"] != project_id:
+        raise Invalid.field("operation.service", "no such service in this project")
+    manifest = await load_manifest(conn, service["package_id"], service["package_revision"])
+    function = find_function(
+        manifest, service["module"], operation.function, field="operation.function"
+    )
+    if type_ == "event":
+        if not any(param.name == EVENT_INPUT for param in function.inputs):
+            raise Invalid.field(
+                "operation.function",
+                f"an event trigger's function needs an input named {EVENT_INPUT!r} (type json)",
+            )
+        if EVENT_INPUT in given_input:
+            raise Invalid.field(f"input.{EVENT_INPUT}", "set by each event; leave it out")
+        given_input = {**given_input, EVENT_INPUT: {}}
+    validate_inputs(function, given_input, field_prefix="input")
+
+
+# Store ----------------------------------------------------------------------------------
+
+
+async def create_trigger(pool: asyncpg.Pool, by: Principal, body: TriggerCreate) -> Trigger:
+    by.require(Role.developer, body.project)
+    spec = parse_spec(body.type, body.spec)
+    next_fire_at = next_fire_time(spec, utcnow()) if isinstance(spec, CronSpec) else None
+    async with pool.acquire() as conn, conn.transaction():
+        if not await conn.fetchval("SELECT 1 FROM projects WHERE id = $1", body.project):
+            raise NotFound("project not found")
+        await _check_operation(conn, body.project, body.type, body.operation, body.input)
+        try:
+            row = await conn.fetchrow(
+                """INSERT INTO triggers (id, project_id, name, type, active, input, operation,
+                       service_id, spec, next_fire_at, status)
+                   VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11) RETURNING *""",
+                new_id(),
+                body.project,
+                body.name,
+                body.type,
+                body.active,
+                body.input,
+                body.operation.model_dump(),
+                body.operation.service,
+                spec.model_dump(mode="json"),
+                next_fire_at,
+                "finished" if body.type == "cron" and next_fire_at is None else "ok",
+            )
+        except asyncpg.UniqueViolationError:
+            raise Conflict(f"a trigger named {body.name!r} exists in this project") from None
+    return trigger_from_row(row)
+
+
+async def fetch_trigger(conn: asyncpg.Connection | asyncpg.Pool, by: Principal, trigger_id: str):
+    row = await conn.fetchrow("SELECT * FROM triggers WHERE id = $1", trigger_id)
+    if row is None or not by.can_see(row["project_id"]):
+        raise NotFound("trigger not found")
+    return row
+
+
+async def get_trigger(pool: asyncpg.Pool, by: Principal, trigger_id: str) -> Trigger:
+    return trigger_from_row(await fetch_trigger(pool, by, trigger_id))
+
+
+async def list_triggers(
+    pool: asyncpg.Pool,
+    by: Principal,
+    *,
+    filters: dict[str, Any],
+    cursor: str | None,
+    limit: int,
+    order: Order,
+) -> dict:
+    query = Keyset()
+    project = by.project_filter(filters.get("project"))
+    if project is not None:
+        query.where("project_id = {}", project)
+    if filters.get("type") is not None:
+        if filters["type"] not in ("cron", "event"):
+            raise Invalid.field("type", "one of cron, event")
+        query.where("type = {}", filters["type"])
+    if filters.get("active") is not None:
+        query.where("active = {}", filters["active"])
+    if filters.get("service") is not None:
+        query.where("service_id = {}", filters["service"])
+    rows = await pool.fetch(
+        f"SELECT * FROM triggers {query.tail(cursor, order, limit)}", *query.args
+    )
+    return page_of(rows, limit, trigger_from_row)
+
+
+async def update_trigger(
+    pool: asyncpg.Pool, by: Principal, trigger_id: str, body: TriggerPatch
+) -> Trigger:
+    async with pool.acquire() as conn, conn.transaction():
+        row = await conn.fetchrow("SELECT * FROM triggers WHERE id = $1 FOR UPDATE", trigger_id)
+        if row is None or not by.can_see(row["project_id"]):
+            raise NotFound("trigger not found")
+        by.require(Role.developer, row["project_id"])
+        changes = body.model_dump(exclude_unset=True)
+        active = row["active"] if changes.get("active") is None else changes["active"]
+        input_ = row["input"] if changes.get("input") is None else changes["input"]
+        operation = (
+            body.operation
+            if body.operation is not None
+            else FunctionOperation.model_validate(row["operation"])
+        )
+        spec = parse_spec(row["type"], row["spec"] if body.spec is None else body.spec)
+        await _check_operation(conn, row["project_id"], row["type"], operation, input_)
+        next_fire_at, status = row["next_fire_at"], row["status"]
+        if isinstance(spec, CronSpec) and (body.spec is not None or (active and not row["active"])):
+            # A new schedule, or a resumed one, starts from now: no catch-up for a pause.
+            next_fire_at = next_fire_time(spec, utcnow())
+            status = "finished" if next_fire_at is None else "ok"
+        try:
+            updated = await conn.fetchrow(
+                """UPDATE triggers SET name = $2, active = $3, input = $4, operation = $5,
+                       service_id = $6, spec = $7, next_fire_at = $8, status = $9,
+                       last_error = CASE WHEN $9 = status THEN last_error END,
+                       updated_at = now()
+                   WHERE id = $1 RETURNING *""",
+                trigger_id,
+                changes.get("name") or row["name"],
+                active,
+                input_,
+                operation.model_dump(),
+                operation.service,
+                spec.model_dump(mode="json"),
+                next_fire_at,
+                status,
+            )
+        except asyncpg.UniqueViolationError:
+            raise Conflict(f"a trigger named {changes.get('name')!r} exists") from None
+    return trigger_from_row(updated)
+
+
+async def set_active(pool: asyncpg.Pool, by: Principal, trigger_id: str, active: bool) -> Trigger:
+    return await update_trigger(pool, by, trigger_id, TriggerPatch(active=active))
+
+
+async def delete_trigger(pool: asyncpg.Pool, by: Principal, trigger_id: str) -> None:
+    row = await fetch_trigger(pool, by, trigger_id)
+    by.require(Role.developer, row["project_id"])
+    await pool.execute("DELETE FROM triggers WHERE id = $1", trigger_id)
+
+
+async def preview(pool: asyncpg.Pool, by: Principal, trigger_id: str, count: int) -> FireTimes:
+    row = await fetch_trigger(pool, by, trigger_id)
+    if row["type"] != "cron":
+        raise Invalid.field("type", "only cron triggers have fire times")
+    spec = CronSpec.model_validate(row["spec"])
+    start = row["next_fire_at"]
+    if start is None:
+        return FireTimes(items=[])
+    return FireTimes(items=[start, *fire_times(spec, start, count - 1)])
