@@ -43,6 +43,9 @@ BASIC_FUNCTIONS: dict[str, dict[str, Any]] = {
         "connect": [],
         "write_file": [],
         "environment": [],
+        "background": [],
+        "fork_and_return": [],
+        "flood": [],
     }.items()
 }
 

@@ -162,6 +162,28 @@ async def test_long_lines_are_split(replica: Replica):
     assert [len(line) for line in call.lines("stdout")] == [16384, 16384, 40_000 - 2 * 16384]
 
 
+async def test_flood_of_output_arrives_complete(replica: Replica):
+    call = await replica.call("flood", lines=50_000)
+    stdout = call.lines("stdout")
+    assert call.outcome.output == 50_000
+    assert len(stdout) == 50_000
+    assert stdout[0].startswith("0 z") and stdout[-1].startswith("49999 z")
+
+
+async def test_processes_left_running_are_killed(replica: Replica):
+    started = time.monotonic()
+    call = await replica.call("background")
+    assert call.outcome.status == "success"
+    assert time.monotonic() - started < 1.0  # not held up by the pipe `sleep` keeps open
+    await wait_for(lambda: process_gone(call.outcome.output), timeout_s=2)
+
+
+async def test_a_forked_process_returning_does_not_report(replica: Replica):
+    call = await replica.call("fork_and_return")
+    assert call.outcome.output == "parent"
+    assert (await replica.call("add", a=1, b=2)).outcome.output == {"sum": 3}
+
+
 async def test_exception_gives_error_with_traceback(replica: Replica):
     call = await replica.call("fail", message="size must be positive")
     error = call.outcome.error

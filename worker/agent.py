@@ -12,7 +12,6 @@ Exit codes: 0 shutdown asked, 2 worker gone (or never came, or broke the protoco
 from __future__ import annotations
 
 import asyncio
-import collections
 import importlib
 import inspect
 import json
@@ -41,7 +40,7 @@ MAX_FRAME = 64 * 1024 * 1024
 MAX_LINE = 16 * 1024
 STOP_GRACE_S = 1.0  # SIGTERM, then SIGKILL: a stop completes in well under 1.5 s
 DRAIN_S = 0.3  # a grandchild may keep a dead child's stdout open; stop waiting after this
-OUT_HIGH = 8 * 1024 * 1024  # unsent bytes above which the agent waits for the worker
+OUT_HIGH = 4 * 1024 * 1024  # unsent bytes above which the agent waits for the worker
 STALL_S = 60.0  # the worker reading nothing for this long is stuck: leave
 HEADER = struct.Struct(">I")
 PR_SET_PDEATHSIG = 1
@@ -313,8 +312,9 @@ class Agent:
         self.client = client
         self.client.setblocking(False)
         self.reader = FrameReader()
-        self.out = collections.deque()  # unsent frames (memoryviews)
-        self.out_size = 0
+        self.out = bytearray()  # frames for the worker, sent up to out_pos
+        self.out_pos = 0
+        self.want_write = False
         self.exit_code = None
         self.sel = selectors.DefaultSelector()
         self.wake_r, self.wake_w = os.pipe()  # signals (SIGCHLD, SIGTERM) wake the selector
@@ -328,11 +328,9 @@ class Agent:
 
     # -- to the worker ----------------------------------------------------------------
     def send(self, frame: dict) -> None:
-        data = encode_frame(frame)
-        self.out.append(memoryview(data))
-        self.out_size += len(data)
+        self.out += encode_frame(frame)
         self.flush()
-        if self.out_size > OUT_HIGH:
+        if len(self.out) - self.out_pos > OUT_HIGH:
             # The worker reads slower than the functions write: wait for it, which leaves
             # the children blocked on full pipes instead of growing our memory.
             deadline = time.monotonic() + STALL_S
@@ -344,19 +342,19 @@ class Agent:
                 self.flush()
 
     def flush(self) -> None:
-        while self.out and self.exit_code is None:
-            try:
-                sent = self.client.send(self.out[0])
-            except BlockingIOError:
-                break
-            except OSError:
-                self.exit_code = 2
-                break
-            self.out_size -= sent
-            self.out[0] = self.out[0][sent:]
-            if not self.out[0]:
-                self.out.popleft()
-        if self.exit_code is None:
+        with memoryview(self.out) as view:
+            while self.out_pos < len(view) and self.exit_code is None:
+                try:
+                    self.out_pos += self.client.send(view[self.out_pos :])
+                except BlockingIOError:
+                    break
+                except OSError:
+                    self.exit_code = 2
+        if self.out_pos * 2 >= len(self.out):  # compact, without quadratic copying
+            del self.out[: self.out_pos]
+            self.out_pos = 0
+        if self.exit_code is None and self.want_write != bool(self.out):
+            self.want_write = bool(self.out)
             events = selectors.EVENT_READ | (selectors.EVENT_WRITE if self.out else 0)
             self.sel.modify(self.client, events, ("client", None))
 

@@ -235,8 +235,9 @@ class AgentConnection:
                 await self._dispatch(frame)
         except asyncio.IncompleteReadError:
             pass
-        except (OSError, ValueError) as exc:
-            reason = f"the connection to the agent failed: {exc}"
+        except Exception as exc:  # a broken socket, or frames that break the protocol
+            reason = f"the connection to the agent failed: {exc!r}"
+            self._writer.close()  # type: ignore[union-attr]
         self._mark_lost(reason)
 
     async def _dispatch(self, frame: dict[str, Any]) -> None:

@@ -131,3 +131,19 @@ def write_file(path):
 
 def environment(name):
     return {"value": os.environ.get(name), "cwd": os.getcwd()}
+
+
+def background():
+    process = subprocess.Popen(["sleep", "30"])  # inherits stdout: holds the log pipe open
+    return process.pid
+
+
+def fork_and_return():
+    return "child" if os.fork() == 0 else "parent"
+
+
+def flood(lines, width=100):
+    row = "z" * width
+    for i in range(lines):
+        print(i, row)
+    return lines
