@@ -16,6 +16,37 @@ from core.models import format_time, utcnow
 EVENTS_STREAM = "ferry:events"
 EVENTS_MAXLEN = 100_000  # approximate: trimming whole nodes keeps XADD O(1)
 TERMINATE_CHANNEL = "ferry:terminate"  # pub/sub: execution ids whose termination was asked
+# A service's log: its executions' lines and its replicas' lifecycle, for `…/services/{id}/logs`.
+SERVICE_LOGS_MAXLEN = 50_000
+SERVICE_LOGS_TTL_S = 7 * 24 * 3600
+
+
+def service_logs_key(service_id: str) -> str:
+    return f"ferry:service-logs:{service_id}"
+
+
+async def service_lifecycle(
+    redis: Redis, service_id: str, replica_id: str, status: str, message: str | None
+) -> None:
+    """One `lifecycle` line in the service's log: a replica started, got ready, drained..."""
+    text = f"replica {replica_id} {status}" + (f": {message}" if message else "")
+    key = service_logs_key(service_id)
+    async with redis.pipeline(transaction=False) as pipe:
+        pipe.xadd(
+            key,
+            {
+                "execution": "",
+                "replica": replica_id,
+                "seq": 0,
+                "at": format_time(utcnow()),
+                "stream": "lifecycle",
+                "text": text,
+            },
+            maxlen=SERVICE_LOGS_MAXLEN,
+            approximate=True,
+        )
+        pipe.expire(key, SERVICE_LOGS_TTL_S)
+        await pipe.execute()
 
 
 def event_fields(

@@ -203,16 +203,33 @@ async def create_executions(
 
 async def enqueue_created(redis: ArqRedis, executions: list[Execution]) -> None:
     """Queue freshly committed executions; if Redis is down, the reconciler queues them later."""
-    by_service: dict[str, list[str]] = {}
+    by_service: dict[str, list[Execution]] = {}
     for execution in executions:
-        by_service.setdefault(execution.service, []).append(execution.id)
+        by_service.setdefault(execution.service, []).append(execution)
     try:
-        for service_id, ids in by_service.items():
-            await queue.enqueue_executions(redis, service_id, ids)
+        for service_id, batch in by_service.items():
+            # One round trip per service: the jobs and their `execution.created` events.
+            await queue.enqueue_executions(
+                redis,
+                service_id,
+                [e.id for e in batch],
+                [(e.project, created_event_data(e)) for e in batch],
+            )
     except (OSError, ConnectionError, TimeoutError) as exc:  # committed is accepted: not lost
         import logging
 
         logging.getLogger(__name__).warning("enqueue deferred to the reconciler: %s", exc)
+
+
+def created_event_data(execution: Execution) -> dict[str, Any]:
+    return {
+        "service": execution.service,
+        "function": execution.function,
+        "status": execution.status.value,
+        "reason": None,
+        "attempt": execution.attempt,
+        "trigger": execution.trigger,
+    }
 
 
 async def _insert(
@@ -365,6 +382,16 @@ async def terminate(
         current = await fetch_execution(pool, by, execution_id)
         raise InvalidTransition(
             f"the execution is {current['status']} already: nothing to terminate"
+        )
+    if updated["status"] == ExecutionStatus.terminated:
+        # Terminated here and now; a running one is reported by its worker when it stops.
+        await events.publish(
+            redis,
+            "execution.terminated",
+            updated["project_id"],
+            "execution",
+            execution_id,
+            events.execution_event_data(updated),
         )
     return execution_from_row(updated)
 

@@ -7,7 +7,9 @@ from typing import Any, Literal
 
 import asyncpg
 from pydantic import Field, field_validator, model_validator
+from redis.asyncio import Redis
 
+from core import events
 from core.auth import Principal, Role
 from core.errors import Conflict, Invalid, NotFound
 from core.ids import new_id
@@ -173,8 +175,24 @@ async def _resolve_revision(
     return revision, await load_manifest(conn, package_id, revision)
 
 
+async def _publish(redis: Redis | None, action: str, row: asyncpg.Record) -> None:
+    if redis is not None:
+        await events.publish(
+            redis,
+            f"service.{action}",
+            row["project_id"],
+            "service",
+            row["id"],
+            {"name": row["name"], "status": row["status"], "generation": row["generation"]},
+        )
+
+
 async def create_service(
-    pool: asyncpg.Pool, box: SecretBox, by: Principal, body: ServiceCreate
+    pool: asyncpg.Pool,
+    box: SecretBox,
+    by: Principal,
+    body: ServiceCreate,
+    redis: Redis | None = None,
 ) -> Service:
     by.require(Role.developer, body.project)
     async with pool.acquire() as conn, conn.transaction():
@@ -210,6 +228,7 @@ async def create_service(
             )
         except asyncpg.UniqueViolationError:
             raise Conflict(f"a service named {body.name!r} exists in this project") from None
+    await _publish(redis, "created", row)
     return service_from_row(row)
 
 
@@ -256,7 +275,12 @@ _ROLLING_FIELDS = {"package_revision", "module", "runtime", "env", "secrets", "i
 
 
 async def update_service(
-    pool: asyncpg.Pool, box: SecretBox, by: Principal, service_id: str, body: ServicePatch
+    pool: asyncpg.Pool,
+    box: SecretBox,
+    by: Principal,
+    service_id: str,
+    body: ServicePatch,
+    redis: Redis | None = None,
 ) -> Service:
     async with pool.acquire() as conn, conn.transaction():
         row = await conn.fetchrow("SELECT * FROM services WHERE id = $1 FOR UPDATE", service_id)
@@ -315,6 +339,7 @@ async def update_service(
             raise Conflict(
                 f"a service named {changes.get('name')!r} exists in this project"
             ) from None
+    await _publish(redis, "updated", updated)
     return service_from_row(updated)
 
 
@@ -331,7 +356,11 @@ def _as_invalid(exc: Exception, prefix: str) -> Invalid:
 
 
 async def set_service_status(
-    pool: asyncpg.Pool, by: Principal, service_id: str, status: Literal["active", "paused"]
+    pool: asyncpg.Pool,
+    by: Principal,
+    service_id: str,
+    status: Literal["active", "paused"],
+    redis: Redis | None = None,
 ) -> Service:
     row = await fetch_service(pool, by, service_id)
     by.require(Role.developer, row["project_id"])
@@ -343,10 +372,15 @@ async def set_service_status(
     )
     if updated is None:
         raise NotFound("service not found")
+    await _publish(redis, "paused" if status == "paused" else "resumed", updated)
     return service_from_row(updated)
 
 
-async def delete_service(pool: asyncpg.Pool, by: Principal, service_id: str) -> None:
+async def delete_service(
+    pool: asyncpg.Pool, by: Principal, service_id: str, redis: Redis | None = None
+) -> None:
     row = await fetch_service(pool, by, service_id)
     by.require(Role.owner, row["project_id"])
-    await pool.execute("DELETE FROM services WHERE id = $1", service_id)
+    deleted = await pool.fetchrow("DELETE FROM services WHERE id = $1 RETURNING *", service_id)
+    if deleted is not None:
+        await _publish(redis, "deleted", deleted)

@@ -106,7 +106,10 @@ def build_openapi(routes: list[Route], version: str) -> dict[str, Any]:
             }
         success: dict[str, Any] = {"description": _STATUS_TEXT.get(route.status, "OK")}
         if route.response is not None:
-            success["content"] = {"application/json": {"schema": schemas.of(route.response)}}
+            success["content"] = {
+                "application/json": {"schema": schemas.of(route.response)},
+                **route.extra_responses.get("content", {}),  # e.g. a live text/event-stream
+            }
         elif route.status != 204:
             success["content"] = route.extra_responses.get(
                 "content", {"application/json": {"schema": {"type": "object"}}}

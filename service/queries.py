@@ -72,4 +72,29 @@ class WaitQuery(Query):
 class LogQuery(Query):
     cursor: str | None = Field(default=None, description="the last seq already seen")
     limit: int = Field(default=1000, ge=1, le=10_000)
-    follow: bool = False
+    follow: bool = Field(
+        default=False,
+        description="with Accept: text/event-stream or text/plain: keep streaming until the "
+        "execution is terminal",
+    )
+
+
+class ServiceLogQuery(Query):
+    follow: bool = Field(default=False, description="keep streaming new lines (SSE or text)")
+    since: datetime | None = Field(default=None, description="only lines from this time on")
+    replica: str | None = Field(default=None, description="only this replica's lines")
+    stream: str | None = Field(
+        default=None, description="stdout, stderr, system, lifecycle; comma-separated"
+    )
+    cursor: str | None = Field(default=None, description="the id of the last line already seen")
+    limit: int = Field(default=1000, ge=1, le=10_000)
+
+
+class EventStreamQuery(Query):
+    project: str | None = None
+    types: str | None = Field(
+        default=None, description="comma-separated globs of event types, e.g. execution.*"
+    )
+    last_event_id: str | None = Field(
+        default=None, description="resume after this event id (as the Last-Event-ID header)"
+    )

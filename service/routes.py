@@ -16,9 +16,10 @@ from core.pagination import Page
 from core.projects import Project, ProjectCreate, ProjectPatch
 from core.services import Service, ServiceCreate, ServicePatch, ServiceStatus
 from core.triggers import FireTimes, Trigger, TriggerCreate, TriggerPatch
-from service import executions, health, packages, projects, services, triggers
+from service import events, executions, health, logs, packages, projects, services, triggers
 from service import queries as q
 from service.http import Route
+from service.logs import ServiceLogLine
 
 V1 = "/api/v1"
 
@@ -353,12 +354,48 @@ ROUTES: list[Route] = [
     Route(
         "GET",
         f"{V1}/executions/{{id}}/logs",
-        executions.list_logs,
-        "An execution's log lines",
+        logs.execution_logs,
+        "An execution's log lines: JSON pages, or live with Accept: text/event-stream "
+        "(a `log` event per line, `end` when terminal) or text/plain",
         "executions",
         query=q.LogQuery,
         response=Page[LogLine],
-        errors=(404,),
+        errors=(404, 422),
+        extra_responses={"content": {"text/event-stream": {}, "text/plain": {}}},
+    ),
+    Route(
+        "GET",
+        f"{V1}/services/{{id}}/logs",
+        logs.service_logs,
+        "A service's log: its executions' lines and replica lifecycle (JSON, SSE or text)",
+        "services",
+        query=q.ServiceLogQuery,
+        response=Page[ServiceLogLine],
+        errors=(404, 422),
+        extra_responses={"content": {"text/event-stream": {}, "text/plain": {}}},
+    ),
+    # Events
+    Route(
+        "GET",
+        f"{V1}/events/stream",
+        events.event_stream,
+        "The event stream (SSE), resumable with Last-Event-ID",
+        "events",
+        query=q.EventStreamQuery,
+        response=None,
+        errors=(404, 422),
+        extra_responses={"content": {"text/event-stream": {}}},
+    ),
+    Route(
+        "POST",
+        f"{V1}/events",
+        events.post_event,
+        "Publish an external event (type `<resource>.<action>`)",
+        "events",
+        body=events.EventCreate,
+        response=events.EventAccepted,
+        status=202,
+        errors=(403, 404, 422),
     ),
     # Triggers
     Route(

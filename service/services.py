@@ -12,7 +12,7 @@ from service.keys import DB, REDIS, SECRETS
 
 async def create_service(request: web.Request, body, query):
     return await services.create_service(
-        request.app[DB], request.app[SECRETS], principal(request), body
+        request.app[DB], request.app[SECRETS], principal(request), body, request.app[REDIS]
     )
 
 
@@ -35,23 +35,30 @@ async def get_service(request: web.Request, body, query):
 
 async def update_service(request: web.Request, body, query):
     return await services.update_service(
-        request.app[DB], request.app[SECRETS], principal(request), request.match_info["id"], body
+        request.app[DB],
+        request.app[SECRETS],
+        principal(request),
+        request.match_info["id"],
+        body,
+        request.app[REDIS],
     )
 
 
 async def delete_service(request: web.Request, body, query):
-    await services.delete_service(request.app[DB], principal(request), request.match_info["id"])
+    await services.delete_service(
+        request.app[DB], principal(request), request.match_info["id"], request.app[REDIS]
+    )
 
 
 async def pause_service(request: web.Request, body, query):
     return await services.set_service_status(
-        request.app[DB], principal(request), request.match_info["id"], "paused"
+        request.app[DB], principal(request), request.match_info["id"], "paused", request.app[REDIS]
     )
 
 
 async def resume_service(request: web.Request, body, query):
     return await services.set_service_status(
-        request.app[DB], principal(request), request.match_info["id"], "active"
+        request.app[DB], principal(request), request.match_info["id"], "active", request.app[REDIS]
     )
 
 

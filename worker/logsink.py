@@ -46,6 +46,8 @@ class LogSink:
         self.redis = redis
         self.execution_id: str = execution["id"]
         self.project_id: str = execution["project_id"]
+        self.service_id: str = execution["service_id"]
+        self.replica_id: str = execution.get("replica_id") or ""
         self.secrets = secrets
         self.max_lines = max_lines
         self.max_bytes = max_bytes
@@ -133,15 +135,19 @@ class LogSink:
                 self.bytes,
             )
         key = log_stream_key(self.execution_id)
+        service_key = events.service_logs_key(self.service_id)
         async with self.redis.pipeline(transaction=False) as pipe:
             for seq, at, stream, text in lines:
+                fields = {"seq": seq, "at": at.isoformat(), "stream": stream, "text": text}
+                pipe.xadd(key, fields, maxlen=STREAM_MAXLEN, approximate=True)
                 pipe.xadd(
-                    key,
-                    {"seq": seq, "at": at.isoformat(), "stream": stream, "text": text},
-                    maxlen=STREAM_MAXLEN,
+                    service_key,
+                    {"execution": self.execution_id, "replica": self.replica_id, **fields},
+                    maxlen=events.SERVICE_LOGS_MAXLEN,
                     approximate=True,
                 )
             pipe.expire(key, STREAM_TTL_S)
+            pipe.expire(service_key, events.SERVICE_LOGS_TTL_S)
             await pipe.execute()
 
     async def _write_progress(self, percent: float, message: str | None) -> None:
