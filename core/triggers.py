@@ -7,7 +7,7 @@ The store (create, read, list, update, delete) and the cron arithmetic both the 
 
 from __future__ import annotations
 
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Annotated, Any, Literal
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
@@ -140,7 +140,8 @@ def next_fire_time(spec: CronSpec, after: datetime) -> datetime | None:
     """The first tick strictly after `after` (and not before `start_at`), None past `end_at`."""
     if spec.start_at is not None and after < spec.start_at:
         after = spec.start_at - timedelta(microseconds=1)
-    tick = _cron(spec, after).get_next(datetime)
+    # In UTC: aware datetimes sharing a zone compare by wall time, which repeats at DST's end.
+    tick = _cron(spec, after).get_next(datetime).astimezone(UTC)
     if spec.end_at is not None and tick > spec.end_at:
         return None
     return tick
@@ -164,7 +165,7 @@ def ticks_between(spec: CronSpec, first: datetime, now: datetime, limit: int) ->
     iterator = _cron(spec, now + timedelta(seconds=1))
     ticks: list[datetime] = []
     while len(ticks) < limit:
-        tick = iterator.get_prev(datetime)
+        tick = iterator.get_prev(datetime).astimezone(UTC)
         if tick < first:
             break
         if tick <= now:
