@@ -12,6 +12,7 @@ from core.resources import open_resources, stop_on_signals
 from core.settings import Settings
 from scheduler.metrics import SchedulerMetrics
 from scheduler.reconciler import Reconciler
+from scheduler.retention import retention_loop
 
 log = logging.getLogger(__name__)
 
@@ -24,6 +25,9 @@ async def run_scheduler(settings: Settings) -> None:
             metrics.registry, settings.api_host, settings.metrics_port_scheduler, "scheduler"
         )
         reconciler = Reconciler(res.pool, res.redis, metrics)
+        retention = asyncio.create_task(
+            retention_loop(res.pool, res.redis, settings.retention_days, stop)
+        )
         log.info("scheduler up: reconciling every %.1f s", settings.reconcile_interval_s)
         due = time.monotonic()
         while not stop.is_set():
@@ -35,4 +39,5 @@ async def run_scheduler(settings: Settings) -> None:
             due = time.monotonic() + settings.reconcile_interval_s
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), settings.reconcile_interval_s)
+        await retention
         await asyncio.to_thread(stop_metrics)
