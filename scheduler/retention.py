@@ -48,7 +48,7 @@ async def run_retention(
         if deleted < batch:
             break
     min_id = int((time.time() - retention_days * 86400) * 1000)
-    report.events = await redis.xtrim(EVENTS_STREAM, minid=f"{max(min_id, 0)}-0")
+    report.events = await redis.xtrim(EVENTS_STREAM, minid=f"{max(min_id, 0)}-0", approximate=False)
     if report.log_lines or report.events:
         log.info(
             "retention: %d log lines and %d events older than %s days removed",
