@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import statistics
 import time
@@ -144,6 +145,23 @@ async def test_container_fork_bomb_is_contained(docker_runtime, tmp_path_factory
         assert time.monotonic() - started < 15
         for _ in range(3):  # its processes are gone: new executions can fork again
             assert (await replica.call("add", a=1, b=2)).outcome.output == {"sum": 3}
+    finally:
+        await replica.close()
+
+
+@pytest.mark.docker
+async def test_container_fork_failure_is_reported(docker_runtime, tmp_path_factory):
+    # pids_limit 2: the agent and one execution; a second execution cannot be forked.
+    spec = make_spec(tmp_path_factory.mktemp("pids"), pids_limit=2, concurrency=2)
+    replica = await start_replica(docker_runtime, spec)
+    try:
+        sleeper = asyncio.create_task(replica.call("sleep", seconds=1))
+        await asyncio.sleep(0.3)
+        refused = await replica.call("echo", value=1)
+        assert refused.outcome.status == "crashed"
+        assert refused.outcome.error["type"] == "ForkFailed"
+        assert (await sleeper).outcome.output == 1
+        assert (await replica.call("echo", value=2)).outcome.output == 2
     finally:
         await replica.close()
 

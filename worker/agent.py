@@ -404,11 +404,20 @@ class Agent:
         self.send({"type": "error", "id": exec_id, "error": error, "duration_ms": 0})
 
     def fork(self, message: dict, function: tuple) -> None:
-        (out_r, out_w), (err_r, err_w), (msg_r, msg_w) = os.pipe(), os.pipe(), os.pipe()
         oom_before = read_oom_kills(self.oom_paths)
         sys.stdout.flush()
         sys.stderr.flush()
-        pid = os.fork()
+        fds = []
+        try:  # under a pids limit (say, a fork bomb next door) or out of fds, this fails
+            for _ in range(3):
+                fds.extend(os.pipe())
+            out_r, out_w, err_r, err_w, msg_r, msg_w = fds
+            pid = os.fork()
+        except OSError as exc:
+            for fd in fds:
+                os.close(fd)
+            text = f"could not start the execution's process: {exc}"
+            return self.reply_error(message["id"], "ForkFailed", text)
         if pid == 0:
             signal.set_wakeup_fd(-1)
             parent_fds = [self.client.fileno(), self.wake_r, self.wake_w, self.sel.fileno()]

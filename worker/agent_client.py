@@ -26,8 +26,13 @@ HEADER = struct.Struct(">I")
 MAX_FRAME = 64 * 1024 * 1024
 MAX_SOCKET_PATH = 107  # sun_path is 108 bytes with the terminating NUL
 
-# Error types the agent reports for a child that died without returning.
-STATUS_BY_ERROR_TYPE = {"OutOfMemory": "oom", "Crashed": "crashed", "AgentLost": "crashed"}
+# Error types for a child that died without returning, or could not be started.
+STATUS_BY_ERROR_TYPE = {
+    "OutOfMemory": "oom",
+    "Crashed": "crashed",
+    "ForkFailed": "crashed",
+    "AgentLost": "crashed",
+}
 
 LogCallback = Callable[[str, str, float], Awaitable[None] | None]
 ProgressCallback = Callable[[float, str | None], Awaitable[None] | None]
