@@ -103,6 +103,17 @@ def run_up(settings: Settings) -> int:
             f"[bold green]Ferry is up[/] at [bold]{url}[/] in {time.monotonic() - started:.1f} s "
             f"(API docs: {url}/api/docs). Ctrl-C stops it."
         )
+        # The worker and scheduler serve their own metrics; a busy port only costs those
+        # (the process logs a warning and runs on), never `ferry up` itself.
+        ports = [
+            ("worker", settings.metrics_port_worker),
+            ("scheduler", settings.metrics_port_scheduler),
+        ]
+        console.print(
+            f"[dim]metrics: {url}/metrics"
+            + "".join(f", {role} http://{settings.api_host}:{p}/metrics" for role, p in ports if p)
+            + "[/]"
+        )
         while not stopping:
             time.sleep(0.2)
             for child in children:
