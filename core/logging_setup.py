@@ -48,5 +48,5 @@ def setup_logging(settings: Settings, process: str) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(settings.log_level.upper())
-    for noisy in ("aiohttp.access", "arq.worker", "arq.jobs", "docker", "urllib3"):
+    for noisy in ("aiohttp.access", "arq.worker", "arq.jobs", "docker", "urllib3", "httpx"):
         logging.getLogger(noisy).setLevel(max(logging.WARNING, root.level))

@@ -155,6 +155,34 @@ _DOCS_PAGE = """<!doctype html>
 
 def add_openapi_routes(app: web.Application, routes: list[Route], version: str) -> None:
     document = build_openapi(routes, version)
+    document["paths"]["/api/openapi.json"] = {
+        "get": {
+            "operationId": "docs_openapi",
+            "summary": "This OpenAPI document",
+            "tags": ["docs"],
+            "security": [],
+            "responses": {
+                "200": {
+                    "description": "OK",
+                    "content": {"application/json": {"schema": {"type": "object"}}},
+                }
+            },
+        }
+    }
+    document["paths"]["/api/docs"] = {
+        "get": {
+            "operationId": "docs_page",
+            "summary": "Swagger UI for this API",
+            "tags": ["docs"],
+            "security": [],
+            "responses": {
+                "200": {
+                    "description": "OK",
+                    "content": {"text/html": {"schema": {"type": "string"}}},
+                }
+            },
+        }
+    }
 
     async def openapi_json(_request: web.Request) -> web.Response:
         return web.json_response(document)
