@@ -9,6 +9,7 @@ import typer
 from rich.console import Console
 
 from core.settings import Settings
+from ferry.client_commands import register as register_client_commands
 
 app = typer.Typer(
     help="Ferry: asynchronous job orchestration for FaaS executions and pipelines.",
@@ -19,6 +20,7 @@ token_app = typer.Typer(help="Manage API tokens directly in the database.", no_a
 image_app = typer.Typer(help="Build the images replicas run in.", no_args_is_help=True)
 app.add_typer(token_app, name="token")
 app.add_typer(image_app, name="image")
+register_client_commands(app)
 
 console = Console(stderr=True)
 
