@@ -5,11 +5,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
+import socket
 import time
 
 from core.metrics_server import serve_metrics
 from core.resources import open_resources, stop_on_signals
 from core.settings import Settings
+from scheduler.cron import CronLoop
+from scheduler.event_triggers import EventTriggerLoop
 from scheduler.metrics import SchedulerMetrics
 from scheduler.reconciler import Reconciler
 from scheduler.retention import retention_loop
@@ -25,6 +29,13 @@ async def run_scheduler(settings: Settings) -> None:
             metrics.registry, settings.api_host, settings.metrics_port_scheduler, "scheduler"
         )
         reconciler = Reconciler(res.pool, res.redis, metrics)
+        scheduler_id = f"{socket.gethostname()}-{os.getpid()}"
+        trigger_loops = [
+            asyncio.create_task(
+                CronLoop(res.pool, res.redis, scheduler_id, settings.misfire_run_all_cap).run(stop)
+            ),
+            asyncio.create_task(EventTriggerLoop(res.pool, res.redis, scheduler_id).run(stop)),
+        ]
         retention = asyncio.create_task(
             retention_loop(res.pool, res.redis, settings.retention_days, stop)
         )
@@ -39,5 +50,6 @@ async def run_scheduler(settings: Settings) -> None:
             due = time.monotonic() + settings.reconcile_interval_s
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), settings.reconcile_interval_s)
+        await asyncio.gather(*trigger_loops)
         await retention
         await asyncio.to_thread(stop_metrics)
