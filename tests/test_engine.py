@@ -441,3 +441,187 @@ async def test_terminate_while_running(api, project, settings, pool, redis, runt
     assert done["duration_ms"] < 5000
     assert again == 409  # nothing left to terminate
     assert after["status"] == "success"  # the replica lives on
+
+
+# -- 5. scale from zero, back to zero, pause ------------------------------------------------
+
+
+async def test_scale_from_zero_and_back(api, project, settings, pool, redis, runtime):
+    service = await deploy_main(
+        api,
+        project["id"],
+        runtime={"memory_mb": 128, "min_replicas": 0, "max_replicas": 1, "idle_timeout_s": 2},
+    )
+    async with engine(settings, pool, redis, runtime):
+        await asyncio.sleep(1)  # a few placement rounds: nothing to run, nothing started
+        assert await replicas_of(api, service["id"]) == []
+
+        began = time.monotonic()
+        first = await run(api, service["id"], "nap", {"seconds": 0})
+        first_s = time.monotonic() - began
+        replicas = await replicas_of(api, service["id"])
+        assert [r["status"] for r in replicas] == ["ready"], replicas
+        cold_ms = await pool.fetchval(
+            "SELECT cold_start_ms FROM replicas WHERE id = $1", replicas[0]["id"]
+        )
+
+        warm_began = time.monotonic()
+        warm = await run(api, service["id"], "nap", {"seconds": 0})
+        warm_s = time.monotonic() - warm_began
+
+        idle_from = time.monotonic()
+
+        async def scaled_to_zero() -> bool:
+            return await replicas_of(api, service["id"]) == []
+
+        await poll(scaled_to_zero, 2 + 10, "the idle replica to stop", interval_s=0.2)
+        idle_s = time.monotonic() - idle_from
+        stopped = await pool.fetchrow(
+            "SELECT status, message FROM replicas WHERE id = $1", replicas[0]["id"]
+        )
+
+        again_began = time.monotonic()
+        second = await run(api, service["id"], "nap", {"seconds": 0})
+        second_s = time.monotonic() - again_began
+        replicas_now = await replicas_of(api, service["id"])
+
+    print(
+        f"\n[{runtime}] scale from zero: first execution {first_s * 1000:.0f} ms "
+        f"(replica cold start {cold_ms} ms), warm {warm_s * 1000:.0f} ms; "
+        f"back to zero {idle_s:.1f} s after the last execution (idle timeout 2 s); "
+        f"second cold start {second_s * 1000:.0f} ms"
+    )
+    assert first["status"] == warm["status"] == second["status"] == "success"
+    assert cold_ms is not None and cold_ms > 0
+    assert 1.5 < idle_s < 12
+    assert (stopped["status"], stopped["message"]) == ("stopped", "scaled down")
+    assert len(replicas_now) == 1 and replicas_now[0]["id"] != replicas[0]["id"]
+
+
+async def test_pause_stops_replicas_and_holds_executions(
+    api, project, settings, pool, redis, runtime
+):
+    service = await deploy_main(
+        api, project["id"], runtime={"memory_mb": 128, "min_replicas": 1, "max_replicas": 1}
+    )
+    async with engine(settings, pool, redis, runtime):
+
+        async def warm_replica() -> bool:
+            return [r["status"] for r in await replicas_of(api, service["id"])] == ["ready"]
+
+        await poll(warm_replica, 30, "min_replicas to start a replica")
+
+        status, paused = await api.post(f"/api/v1/services/{service['id']}/pause")
+        assert status == 200 and paused["status"] == "paused", paused
+
+        async def no_replicas() -> bool:
+            return await replicas_of(api, service["id"]) == []
+
+        await poll(no_replicas, 15, "pausing to stop the replica", interval_s=0.1)
+
+        held = await start(api, service["id"], "nap", {"seconds": 0})
+        await asyncio.sleep(2)
+        still = await get(api, f"/api/v1/executions/{held['id']}")
+        paused_status = await get(api, f"/api/v1/services/{service['id']}/status")
+
+        status, resumed = await api.post(f"/api/v1/services/{service['id']}/resume")
+        assert status == 200 and resumed["status"] == "active", resumed
+        done = await wait_for_status(api, held["id"], 30)
+
+    assert still["status"] == "created", still
+    assert paused_status["replicas"] == [] and paused_status["queue_length"] == 1
+    assert paused_status["desired_replicas"] == 0
+    assert done["status"] == "success" and done["attempt"] == 1
+
+
+# -- 6. rolling over to a new revision with executions in flight ----------------------------
+
+ROLLOUT_CODE = """
+import time
+
+REVISION = {revision}
+
+
+def step(i):
+    time.sleep(0.3)
+    return {{"i": i, "revision": REVISION}}
+"""
+
+
+async def test_rollout_with_executions_in_flight(api, project, settings, pool, redis, runtime):
+    manifest = manifest_of([fn("step", ("i", "integer"))])
+    package, service = await deploy(
+        api,
+        project["id"],
+        {"main.py": ROLLOUT_CODE.format(revision=1)},
+        manifest,
+        runtime={"memory_mb": 128, "concurrency": 4, "max_replicas": 1},
+    )
+    archive = make_zip(
+        {
+            "ferry.yaml": yaml.safe_dump({**manifest, "name": package["name"]}),
+            "main.py": ROLLOUT_CODE.format(revision=2),
+        }
+    )
+    status, revision_2 = await api.upload(
+        None, archive, path=f"/api/v1/packages/{package['id']}/revisions"
+    )
+    assert status == 201, revision_2
+    async with engine(settings, pool, redis, runtime):
+        status, batch = await api.post(
+            "/api/v1/executions/batch",
+            {
+                "executions": [
+                    {"service": service["id"], "function": "step", "input": {"i": i}}
+                    for i in range(30)
+                ]
+            },
+        )
+        assert status == 201, batch
+        ids = [e["id"] for e in batch["items"]]
+
+        async def some_done() -> bool:
+            counts = await get(api, f"/api/v1/executions/counters?service={service['id']}")
+            return counts["success"] >= 4
+
+        await poll(some_done, 60, "the first executions to finish")
+        status, patched = await api.patch(
+            f"/api/v1/services/{service['id']}", {"package_revision": 2}
+        )
+        assert status == 200, patched
+        assert (patched["package_revision"], patched["generation"]) == (2, 2)
+
+        done = await asyncio.gather(*(wait_for_status(api, i, 60) for i in ids))
+        after = await run(api, service["id"], "step", {"i": 99})
+
+        async def only_generation_2() -> list[dict] | None:
+            replicas = await replicas_of(api, service["id"])
+            generations = {r["generation"] for r in replicas}
+            return replicas if generations == {2} else None
+
+        replicas = await poll(only_generation_2, 30, "the old replica to drain", interval_s=0.1)
+
+    assert [d["status"] for d in done] == ["success"] * 30, [d["error"] for d in done]
+    assert [d["output"]["i"] for d in done] == list(range(30))
+    assert {d["attempt"] for d in done} == {1}  # none was cut short and retried
+    revisions = [d["output"]["revision"] for d in done]
+    assert revisions.count(1) >= 4  # those finished before the patch
+    assert set(revisions) <= {1, 2}
+    print(f"\n[{runtime}] rollout: {revisions.count(1)} on revision 1, {revisions.count(2)} on 2")
+    # Each ran on a replica of the generation whose code answered.
+    rows = await pool.fetch(
+        """SELECT e.id, r.generation FROM executions e JOIN replicas r ON r.id = e.replica_id
+           WHERE e.id = ANY($1::text[])""",
+        ids,
+    )
+    generation_of = {r["id"]: r["generation"] for r in rows}
+    assert [generation_of[d["id"]] for d in done] == revisions
+    assert after["status"] == "success" and after["output"]["revision"] == 2
+    assert all(r["status"] in ("ready", "starting") for r in replicas)
+    old = await pool.fetch(
+        "SELECT status, message FROM replicas WHERE service_id = $1 AND generation = 1",
+        service["id"],
+    )
+    assert [(r["status"], r["message"]) for r in old] == [
+        ("stopped", "rolled over to a new generation")
+    ]
