@@ -10,6 +10,7 @@ from rich.console import Console
 
 from core.settings import Settings
 from ferry.client_commands import register as register_client_commands
+from ferry.trigger_commands import triggers_app
 
 app = typer.Typer(
     help="Ferry: asynchronous job orchestration for FaaS executions and pipelines.",
@@ -21,6 +22,7 @@ image_app = typer.Typer(help="Build the images replicas run in.", no_args_is_hel
 app.add_typer(token_app, name="token")
 app.add_typer(image_app, name="image")
 register_client_commands(app)
+app.add_typer(triggers_app, name="triggers")
 
 console = Console(stderr=True)
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import json
 from datetime import datetime
 
 from tests.conftest import token_for
@@ -138,3 +140,34 @@ async def test_end_at_in_the_past_is_finished(api, project, service):
     status, trigger = await api.post("/api/v1/triggers", body)
     assert status == 201 and trigger["status"] == "finished" and trigger["next_fire_at"] is None
     assert (await api.get(f"/api/v1/triggers/{trigger['id']}/next"))[1]["items"] == []
+
+
+async def test_cli_round_trip(api, client, admin_token, project, service, monkeypatch):
+    from typer.testing import CliRunner
+
+    from ferry.cli import app
+
+    monkeypatch.setenv("FERRY_URL", str(client.make_url("")).rstrip("/"))
+    monkeypatch.setenv("FERRY_TOKEN", admin_token)
+    runner = CliRunner()
+
+    async def ferry(*args: str):
+        result = await asyncio.to_thread(runner.invoke, app, ["triggers", *args])
+        assert result.exit_code == 0, result.output
+        return result.output
+
+    created = json.loads(
+        await ferry(
+            "create", "every-five", "--project", project["id"], "--service", service["id"],
+            "--function", "echo", "--cron", "*/5 * * * *", "--timezone", "Europe/Berlin",
+            "--input", '{"text": "hi"}',
+        )
+    )  # fmt: skip
+    tid = created["id"]
+    assert created["spec"]["cron"] == "*/5 * * * *" and created["input"] == {"text": "hi"}
+    assert "every-five" in await ferry("list", "--project", project["id"])
+    assert len((await ferry("next", tid, "--count", "3")).split()) == 3
+    assert json.loads(await ferry("pause", tid))["active"] is False
+    assert json.loads(await ferry("resume", tid))["active"] is True
+    await ferry("delete", tid)
+    assert (await api.get(f"/api/v1/triggers/{tid}"))[0] == 404
