@@ -424,9 +424,7 @@ class WorkerHost:
             replica.id,
             {"service": replica.service.id, "message": message, "host": self.host},
         )
-        await events.service_lifecycle(
-            self.redis, replica.service.id, replica.id, status, message
-        )
+        await events.service_lifecycle(self.redis, replica.service.id, replica.id, status, message)
 
     # -- images ------------------------------------------------------------------------------
 
