@@ -372,6 +372,8 @@ async def preview(pool: asyncpg.Pool, by: Principal, trigger_id: str, count: int
     if row["type"] != "cron":
         raise Invalid.field("type", "only cron triggers have fire times")
     spec = CronSpec.model_validate(row["spec"])
+    if not row["active"]:  # a paused trigger resumes from now: preview from now
+        return FireTimes(items=fire_times(spec, utcnow(), count))
     start = row["next_fire_at"]
     if start is None:
         return FireTimes(items=[])

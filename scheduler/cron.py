@@ -22,7 +22,7 @@ from datetime import datetime, timedelta
 import asyncpg
 from arq.connections import ArqRedis
 
-from core.errors import Invalid
+from core.errors import FerryError
 from core.executions import Execution, ExecutionCreate, create_executions, enqueue_created
 from core.triggers import CronSpec, next_fire_time, ticks_between
 
@@ -128,7 +128,7 @@ class CronLoop:
                         conn=conn,
                     )
                     created.extend(execution for execution, new in results if new)
-        except Invalid as exc:  # the service's new revision dropped the function, say
+        except FerryError as exc:  # the service's new revision dropped the function, say
             status, message, created = "error", exc.message, []
             log.warning("trigger %s could not fire: %s", row["id"], exc.message)
         if following is None and status == "ok":

@@ -31,7 +31,7 @@ from arq.connections import ArqRedis
 from redis.exceptions import ResponseError
 
 from core import filters
-from core.errors import Invalid
+from core.errors import FerryError
 from core.events import EVENTS_STREAM
 from core.executions import Execution, ExecutionCreate, create_executions, enqueue_created
 from core.triggers import EVENT_INPUT, EVENTS_GROUP, EventSpec, ensure_events_group
@@ -61,6 +61,8 @@ def parse_event(event_id: str, fields: dict[Any, Any]) -> dict[str, Any]:
         data = json.loads(event.get("data") or "{}")
     except json.JSONDecodeError:
         data = {}
+    if not isinstance(data, dict):
+        data = {"value": data}
     type_ = event.get("type", "")
     resource = event.get("resource", "")
     action = type_[len(resource) + 1 :] if type_.startswith(resource + ".") else type_
@@ -204,7 +206,7 @@ class EventTriggerLoop:
                         event["resource_id"],
                         results[0][0].id,
                     )
-        except Invalid as exc:
+        except FerryError as exc:
             await self._note(conn, row["id"], "error", exc.message)
             return []
         await conn.execute(

@@ -196,3 +196,41 @@ async def test_misfire_policy_after_every_scheduler_was_down(api, pool, redis, p
             assert missed_fired == missed_window
         after = [t for t in times if t >= cutoff]
         assert after and after == _seconds(cutoff - timedelta(seconds=1), after[-1])[-len(after) :]
+
+
+async def test_scheduler_processes_fire_each_second_once(api, pool, settings, project, service):
+    """Two real `ferry scheduler` processes: the loops are wired in and share the work."""
+    import os
+    import signal
+    import sys
+
+    trigger = await create(api, trigger_body(project, service, "procs", {"cron": "* * * * * *"}))
+    env = {
+        **os.environ,
+        "FERRY_DATABASE_URL": settings.database_url,
+        "FERRY_REDIS_URL": settings.redis_url,
+        "FERRY_DATA_DIR": str(settings.data_dir),
+        "FERRY_SECRET_KEY": settings.secret_key,
+        "FERRY_METRICS_PORT_SCHEDULER": "0",
+    }
+    procs = [
+        await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "ferry", "scheduler", env=env,
+            stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
+        )
+        for _ in range(2)
+    ]  # fmt: skip
+    try:
+        for _ in range(300):  # until both are up (imports and migrations take a moment)
+            if await fired(pool, trigger["id"]):
+                break
+            await asyncio.sleep(0.1)
+        await asyncio.sleep(4.0)
+    finally:
+        for proc in procs:
+            proc.send_signal(signal.SIGTERM)
+        codes = [await asyncio.wait_for(proc.wait(), 10) for proc in procs]
+    assert codes == [0, 0]
+    times = [r["trigger_fire_time"] for r in await fired(pool, trigger["id"])]
+    assert len(times) >= 3 and len(times) == len(set(times))
+    assert times == _seconds(times[0] - timedelta(seconds=1), times[-1])
