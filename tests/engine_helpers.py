@@ -16,7 +16,10 @@ from worker.host import WorkerHost
 async def running_worker(
     settings: Settings, pool: Any, redis: Any, **overrides: Any
 ) -> AsyncIterator[WorkerHost]:
-    host = WorkerHost(settings.model_copy(update=overrides), pool, redis)
+    # Port 0: tests never bind the worker's metrics port.
+    host = WorkerHost(
+        settings.model_copy(update={"metrics_port_worker": 0, **overrides}), pool, redis
+    )
     stop = asyncio.Event()
     task = asyncio.create_task(host.run(stop))
     try:
