@@ -234,3 +234,25 @@ async def test_scheduler_processes_fire_each_second_once(api, pool, settings, pr
     times = [r["trigger_fire_time"] for r in await fired(pool, trigger["id"])]
     assert len(times) >= 3 and len(times) == len(set(times))
     assert times == _seconds(times[0] - timedelta(seconds=1), times[-1])
+
+
+async def test_a_broken_trigger_is_marked_and_spoils_no_other(api, pool, redis, project, service):
+    every = {"cron": "* * * * * *"}
+    good = await create(api, trigger_body(project, service, "good", every))
+    broken = await create(api, trigger_body(project, service, "broken", every))
+    # As if the service moved to a revision without the function.
+    await pool.execute(
+        """UPDATE triggers SET operation = jsonb_set(operation, '{function}', '"gone"'),
+               next_fire_at = date_trunc('second', now())
+           WHERE id = $1""",
+        broken["id"],
+    )
+    await pool.execute(
+        "UPDATE triggers SET next_fire_at = date_trunc('second', now()) WHERE id = $1", good["id"]
+    )
+    assert await CronLoop(pool, redis, "solo", 100).run_once() == 2
+    assert len(await fired(pool, good["id"])) == 1
+    assert await fired(pool, broken["id"]) == []
+    status, body = await api.get(f"/api/v1/triggers/{broken['id']}")
+    assert body["status"] == "error" and "gone" in body["last_error"]
+    assert datetime.fromisoformat(body["next_fire_at"]) > datetime.now(UTC)
