@@ -40,6 +40,30 @@ async def test_process_runtime_warns_and_passes_env_and_cwd(tmp_path_factory, ca
     assert info is not None and info.exit_code in (0, 2)
 
 
+async def check_stop_terminates_agent_and_executions(runtime, run_dir) -> Replica:
+    replica = await start_replica(runtime, make_spec(run_dir))
+    pending = asyncio.create_task(replica.call("sleep", seconds=30))
+    await asyncio.sleep(0.3)
+    assert await runtime.exit_info(replica.handle) is None
+    started = time.monotonic()
+    await runtime.stop(replica.handle, grace_s=5)
+    assert time.monotonic() - started < 2.0  # the agent handled SIGTERM: no 5 s grace
+    outcome = (await asyncio.wait_for(pending, 2)).outcome
+    assert outcome.status == "crashed"
+    assert outcome.error["type"] == "AgentLost"
+    replica.conn.close()
+    return replica
+
+
+async def test_process_stop_terminates_agent_and_executions(tmp_path_factory):
+    runtime = ProcessRuntime()
+    replica = await check_stop_terminates_agent_and_executions(
+        runtime, tmp_path_factory.mktemp("term")
+    )
+    info = await runtime.exit_info(replica.handle)
+    assert info.exit_code == 0  # SIGTERM: the agent killed its executions and left
+
+
 def test_detect_runtime_process():
     assert isinstance(detect_runtime("process"), ProcessRuntime)
 
@@ -104,6 +128,12 @@ async def test_container_ready_identity_and_figures(small_container: Replica, do
         statistics.median(round_trips),
     )
     assert small_container.start_to_ready_ms < 10_000
+
+
+@pytest.mark.docker
+async def test_container_stop_terminates_agent_and_executions(docker_runtime, tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("cterm")
+    await check_stop_terminates_agent_and_executions(docker_runtime, run_dir)
 
 
 @pytest.mark.docker

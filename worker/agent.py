@@ -265,8 +265,6 @@ def run_child(message: dict, function: tuple, agent_pid: int, fds: tuple) -> Non
             message_text = f"the output is not JSON-serialisable: {exc}"
             error = {"type": "OutputError", "message": message_text, "traceback": ""}
             data = encode_frame({"type": "error", "error": error})
-        os.close(1)  # the logs end before the outcome: the agent need not wait for our exit
-        os.close(2)
         write_all(msg_w, data)
         status = 0
     finally:
@@ -499,8 +497,6 @@ class Agent:
 
     def finish(self, ex: Execution) -> None:
         """Sends the execution's last log lines, then its final frame."""
-        if ex.status is None:  # it reported and is exiting: end it and what it left running
-            self.kill(ex, signal.SIGKILL)
         for fd in list(ex.open_fds):  # what is left in the pipes, without waiting
             os.set_blocking(fd, False)
             while fd in ex.open_fds:
@@ -562,11 +558,8 @@ class Agent:
             self.reap()
             now = time.monotonic()
             for ex in list(self.executions.values()):
-                reported = ex.outcome is not None and not ex.open_fds & ex.streams.keys()
-                drained = ex.status is not None and (
-                    not ex.open_fds or now >= ex.finished + DRAIN_S
-                )
-                if reported or drained:
+                # Done once reaped (its slot and pid are really free) and its pipes drained.
+                if ex.status is not None and (not ex.open_fds or now >= ex.finished + DRAIN_S):
                     self.finish(ex)
                 elif ex.status is None and ex.kill_at and now >= ex.kill_at:
                     self.kill(ex, signal.SIGKILL)
