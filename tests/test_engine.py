@@ -414,6 +414,31 @@ async def test_docker_memory_pids_and_network_limits(api, project, settings, poo
     assert len(replicas) == 1 and after_bomb["attempt"] == 1
 
 
+@pytest.mark.docker
+@pytest.mark.xfail(
+    strict=True,
+    reason="engine bug: the execution timeout is enforced only by the agent, which a fork "
+    "bomb starves in a 64 MB container; the worker notices only after 10 s without "
+    "heartbeats and fails the execution as crashed (AgentLost) instead of timing it out",
+)
+async def test_docker_fork_bomb_in_a_small_container_times_out(api, project, settings, pool, redis):
+    _require_docker()
+    service = await deploy_main(
+        api, project["id"], runtime={"memory_mb": 64, "max_replicas": 1}, max_attempts=1
+    )
+    async with engine(settings, pool, redis, "docker"):
+        await run(api, service["id"], "nap", {"seconds": 0})
+        began = time.monotonic()
+        bomb = await run(api, service["id"], "fork_bomb", {"seconds": 30}, timeout_s=5)
+        bomb_s = time.monotonic() - began
+        print(f"\n[docker] fork bomb in 64 MB: {bomb['reason']} after {bomb_s:.2f} s")
+        after = await run(api, service["id"], "nap", {"seconds": 0}, wait_s=30)
+
+    assert (bomb["status"], bomb["reason"]) == ("failed", "timeout"), bomb
+    assert bomb_s < 5 + 4
+    assert after["status"] == "success", after
+
+
 # -- 4. terminate --------------------------------------------------------------------------
 
 
@@ -625,3 +650,27 @@ async def test_rollout_with_executions_in_flight(api, project, settings, pool, r
     assert [(r["status"], r["message"]) for r in old] == [
         ("stopped", "rolled over to a new generation")
     ]
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="engine bug: core/states.py terminate_created (and request_termination's immediate "
+    "path) send no pg_notify, so GET /executions/{id}/wait sleeps out its whole timeout",
+)
+async def test_terminating_a_queued_execution_wakes_its_waiters(api, project):
+    # No worker: the execution stays `created` until it is terminated.
+    service = await deploy_main(api, project["id"])
+    created = await start(api, service["id"], "nap", {"seconds": 0})
+    waiter = asyncio.create_task(wait_for_status(api, created["id"], 10))
+    await asyncio.sleep(0.3)  # the waiter is parked on the execution
+    assert not waiter.done()
+
+    asked = time.monotonic()
+    status, body = await api.post(f"/api/v1/executions/{created['id']}/terminate")
+    assert status == 202 and body["status"] == "terminated", body
+    done = await waiter
+    woke_s = time.monotonic() - asked
+
+    assert done["status"] == "terminated"
+    assert [e["status"] for e in done["status_log"]] == ["created", "terminated"]
+    assert woke_s < 1.0, f"the waiter answered {woke_s:.1f} s after the termination"
