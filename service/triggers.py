@@ -2,18 +2,27 @@
 
 from __future__ import annotations
 
+import logging
+
 from aiohttp import web
+from redis.exceptions import RedisError
 
 from core import triggers
 from service.http import principal
 from service.keys import DB, REDIS
 
+log = logging.getLogger(__name__)
+
 
 async def create_trigger(request: web.Request, body, query):
     trigger = await triggers.create_trigger(request.app[DB], principal(request), body)
     if trigger.type == "event":
-        # From now on the stream keeps events for the schedulers, even if none runs yet.
-        await triggers.ensure_events_group(request.app[REDIS])
+        # From now on the stream keeps events for the schedulers, even if none runs yet. Best
+        # effort: the trigger is committed, and every scheduler creates the group at start.
+        try:
+            await triggers.ensure_events_group(request.app[REDIS])
+        except (OSError, RedisError) as exc:
+            log.warning("events consumer group not created: %s", exc)
     return trigger
 
 
