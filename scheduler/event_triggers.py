@@ -113,10 +113,12 @@ class EventTriggerLoop:
                 GROUP, self.consumer, {EVENTS_STREAM: start}, count=READ_COUNT, block=block_ms
             )
             entries = reply[0][1] if reply else []
-            entries = [(entry_id, fields) for entry_id, fields in entries if fields]
             for entry_id, fields in entries:
-                await self.handle(_text(entry_id), fields)
-            handled += len(entries)
+                if fields:
+                    await self.handle(_text(entry_id), fields)
+                    handled += 1
+                else:  # pending, but trimmed from the stream meanwhile: nothing to handle
+                    await self.redis.xack(EVENTS_STREAM, GROUP, entry_id)
             if start == ">" or not entries:
                 return handled
             start = _text(entries[-1][0])  # paging through our pending list

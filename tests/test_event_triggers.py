@@ -191,3 +191,15 @@ async def test_entries_of_a_dead_scheduler_are_claimed(api, pool, redis, project
     assert await survivor.handle(event_id, fields) == []
     assert len(await executions_of(pool, trigger["id"])) == 1
     assert (await redis.xpending(events.EVENTS_STREAM, EVENTS_GROUP))["pending"] == 0
+
+
+async def test_a_restarted_scheduler_handles_its_own_pending_entries(
+    api, pool, redis, project, handler
+):
+    trigger = await event_trigger(api, project, handler, "mine", {"resource": "item"})
+    await events.publish(redis, "item.created", project["id"], "item", "i-1", {})
+    # Delivered to scheduler-0, which stopped before handling it; it comes back under that id.
+    await redis.xreadgroup(EVENTS_GROUP, "scheduler-0", {events.EVENTS_STREAM: ">"}, count=10)
+    async with Schedulers(pool, redis, count=1):
+        await drained(redis)
+    assert len(await executions_of(pool, trigger["id"])) == 1
