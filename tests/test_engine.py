@@ -661,7 +661,7 @@ async def test_terminating_a_queued_execution_wakes_its_waiters(api, project):
     # No worker: the execution stays `created` until it is terminated.
     service = await deploy_main(api, project["id"])
     created = await start(api, service["id"], "nap", {"seconds": 0})
-    waiter = asyncio.create_task(wait_for_status(api, created["id"], 10))
+    waiter = asyncio.create_task(wait_for_status(api, created["id"], 3))
     await asyncio.sleep(0.3)  # the waiter is parked on the execution
     assert not waiter.done()
 
