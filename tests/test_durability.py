@@ -330,3 +330,40 @@ async def test_lost_execution_without_attempts_left_fails(
     assert done[1]["max_attempts"] == 3  # attempts were left: on_reset alone stopped it
     # The last renewal was up to one heartbeat before the kill.
     assert LEASE_S - HEARTBEAT_S - 0.2 <= failed_s < LEASE_S + 5
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="engine bug: core/states.py request_termination terminates a handed-back execution "
+    "at once but sends no pg_notify, so GET /executions/{id}/wait sleeps out its timeout",
+)
+async def test_terminating_an_execution_waiting_for_a_retry(
+    api, project, settings, pool, redis, workers
+):
+    service = await deploy(api, project["id"])
+    worker = workers("a")
+    await worker.wait_up(pool)
+    async with running_reconciler(pool, redis, interval_s=0.2):
+        created = await start_nap(api, service["id"], 30)
+        await wait_running_on(pool, created["id"], worker)
+        worker.kill()  # no other worker: once handed back, it waits for one
+
+        deadline = time.monotonic() + 15
+        while await pool.fetchval(
+            "SELECT lease_until IS NOT NULL FROM executions WHERE id = $1", created["id"]
+        ):
+            assert time.monotonic() < deadline, "the lease was never taken back"
+            await asyncio.sleep(0.1)
+        waiting = (await api.get(f"/api/v1/executions/{created['id']}"))[1]
+        assert (waiting["status"], waiting["attempt"]) == ("in-progress", 1), waiting
+
+        waiter = asyncio.create_task(wait_for_status(api, created["id"], 3))
+        await asyncio.sleep(0.3)
+        asked = time.monotonic()
+        status, body = await api.post(f"/api/v1/executions/{created['id']}/terminate")
+        assert status == 202 and body["status"] == "terminated", body
+        done = await waiter
+        woke_s = time.monotonic() - asked
+
+    assert done["status"] == "terminated"
+    assert woke_s < 1.0, f"the waiter answered {woke_s:.1f} s after the termination"
