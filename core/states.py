@@ -193,13 +193,16 @@ async def hand_back(
 
 async def terminate_created(conn: asyncpg.Connection | asyncpg.Pool, execution_id: str):
     """created → terminated, before any worker took it."""
-    return await conn.fetchrow(
+    row = await conn.fetchrow(
         """UPDATE executions SET status = 'terminated', finished_at = clock_timestamp(),
                updated_at = clock_timestamp(), status_log = status_log || $2::jsonb
            WHERE id = $1 AND status = 'created' RETURNING *""",
         execution_id,
         _log("terminated", "terminated before it started"),
     )
+    if row is not None:
+        await _notify_finished(conn, row)
+    return row
 
 
 async def request_termination(conn: asyncpg.Connection | asyncpg.Pool, execution_id: str):
@@ -207,7 +210,7 @@ async def request_termination(conn: asyncpg.Connection | asyncpg.Pool, execution
 
     A handed-back execution (no worker holds it) is terminated at once.
     """
-    return await conn.fetchrow(
+    row = await conn.fetchrow(
         """UPDATE executions SET terminate_requested = true,
                status = CASE WHEN lease_until IS NULL THEN 'terminated' ELSE status END,
                finished_at = CASE WHEN lease_until IS NULL THEN clock_timestamp() END,
@@ -217,6 +220,9 @@ async def request_termination(conn: asyncpg.Connection | asyncpg.Pool, execution
         execution_id,
         _log("terminated", "terminated while waiting for a retry"),
     )
+    if row is not None and row["status"] == ExecutionStatus.terminated:
+        await _notify_finished(conn, row)
+    return row
 
 
 async def expired_leases(conn: asyncpg.Connection | asyncpg.Pool, limit: int = 500):
@@ -250,6 +256,6 @@ async def _close_attempt(
     )
 
 
-async def _notify_finished(conn: asyncpg.Connection, row: asyncpg.Record) -> None:
+async def _notify_finished(conn: asyncpg.Connection | asyncpg.Pool, row: asyncpg.Record) -> None:
     # Delivered at commit: `GET /executions/{id}/wait` answers without polling.
     await conn.execute("SELECT pg_notify($1, $2)", NOTIFY_CHANNEL, row["id"])

@@ -27,6 +27,7 @@ from scheduler.metrics import SchedulerMetrics
 log = logging.getLogger(__name__)
 
 WORKER_DEAD_AFTER_S = 20.0
+LEASE_GONE_GRACE_S = 2.0
 REQUEUE_GRACE_S = 2.0  # a just-committed execution is being queued by the API right now
 SCAN_BATCH = 2000
 
@@ -60,7 +61,14 @@ class Reconciler:
         return report
 
     async def _expire_leases(self, report: RoundReport) -> None:
-        for row in await states.expired_leases(self.pool):
+        expired = await states.expired_leases(self.pool)
+        # A worker renews leases in the same loop as its heartbeat, so an expired lease means
+        # its worker is gone: fail its replicas now, not after WORKER_DEAD_AFTER_S, so that
+        # the retries below find a replacement replica without waiting.
+        await self._forget_workers(
+            report, {row["worker_id"] for row in expired if row["worker_id"]}
+        )
+        for row in expired:
             report.leases_expired += 1
             async with self.pool.acquire() as conn:
                 updated = await states.hand_back(
@@ -101,15 +109,31 @@ class Reconciler:
                     events.execution_event_data(updated),
                 )
 
+    async def _forget_workers(self, report: RoundReport, worker_ids: set[str]) -> None:
+        """Forget workers whose leases expired, unless they heartbeated in the last seconds
+        (alive, and the lease lapsed for another reason: they stop that execution)."""
+        if not worker_ids:
+            return
+        dead = await self.pool.fetch(
+            """DELETE FROM workers WHERE id = ANY($1::text[])
+                 AND heartbeat_at < now() - make_interval(secs => $2)
+               RETURNING id, host""",
+            list(worker_ids),
+            LEASE_GONE_GRACE_S,
+        )
+        await self._fail_replicas_of(report, [w["id"] for w in dead])
+
     async def _forget_dead_workers(self, report: RoundReport) -> None:
         dead = await self.pool.fetch(
             """DELETE FROM workers WHERE heartbeat_at < now() - make_interval(secs => $1)
                RETURNING id, host""",
             WORKER_DEAD_AFTER_S,
         )
-        if not dead:
+        await self._fail_replicas_of(report, [w["id"] for w in dead])
+
+    async def _fail_replicas_of(self, report: RoundReport, ids: list[str]) -> None:
+        if not ids:
             return
-        ids = [w["id"] for w in dead]
         report.workers_lost += len(ids)
         log.warning("workers stopped heartbeating: %s", ", ".join(ids))
         await self.pool.execute(

@@ -226,12 +226,6 @@ async def test_worker_killed_mid_execution_is_retried_elsewhere(
     ]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="engine bug: the dead worker's replicas count as live until the reconciler's fixed "
-    "WORKER_DEAD_AFTER_S (20 s), whatever FERRY_LEASE_S is, so the retried execution waits "
-    "about 20 s for a replica",
-)
 async def test_recovery_after_kill_is_bounded_by_the_lease(
     api, project, settings, pool, redis, workers
 ):
@@ -332,11 +326,6 @@ async def test_lost_execution_without_attempts_left_fails(
     assert LEASE_S - HEARTBEAT_S - 0.2 <= failed_s < LEASE_S + 5
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="engine bug: core/states.py request_termination terminates a handed-back execution "
-    "at once but sends no pg_notify, so GET /executions/{id}/wait sleeps out its timeout",
-)
 async def test_terminating_an_execution_waiting_for_a_retry(
     api, project, settings, pool, redis, workers
 ):
