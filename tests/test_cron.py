@@ -140,7 +140,9 @@ async def test_three_schedulers_fire_each_second_exactly_once(api, pool, redis, 
     lags = sorted((r["created_at"] - r["trigger_fire_time"]).total_seconds() for r in rows)
     p50, p99 = statistics.median(lags), lags[min(len(lags) - 1, int(len(lags) * 0.99))]
     print(f"cron fire lag over {len(lags)} ticks: p50 {p50 * 1000:.0f} ms, p99 {p99 * 1000:.0f} ms")
-    assert p99 <= 0.25
+    # Speed is measured in bench/, not asserted: only a lag that would break "each second
+    # exactly once" fails here.
+    assert p99 < 1.0
 
     assert await fired(pool, inactive["id"]) == []
     assert await fired(pool, paused["id"]) == []

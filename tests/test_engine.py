@@ -415,12 +415,6 @@ async def test_docker_memory_pids_and_network_limits(api, project, settings, poo
 
 
 @pytest.mark.docker
-@pytest.mark.xfail(
-    strict=True,
-    reason="engine bug: the execution timeout is enforced only by the agent, which a fork "
-    "bomb starves in a 64 MB container; the worker notices only after 10 s without "
-    "heartbeats and fails the execution as crashed (AgentLost) instead of timing it out",
-)
 async def test_docker_fork_bomb_in_a_small_container_times_out(api, project, settings, pool, redis):
     _require_docker()
     service = await deploy_main(
@@ -652,11 +646,6 @@ async def test_rollout_with_executions_in_flight(api, project, settings, pool, r
     ]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="engine bug: core/states.py terminate_created (and request_termination's immediate "
-    "path) send no pg_notify, so GET /executions/{id}/wait sleeps out its whole timeout",
-)
 async def test_terminating_a_queued_execution_wakes_its_waiters(api, project):
     # No worker: the execution stays `created` until it is terminated.
     service = await deploy_main(api, project["id"])

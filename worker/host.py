@@ -87,6 +87,10 @@ class WorkerHost:
             self.settings.metrics_port_worker,
             "worker",
         )
+        # Containers are labelled with this installation's id, so clean-up never touches
+        # another Ferry's containers on a shared engine.
+        if hasattr(self.runtime, "owner"):
+            self.runtime.owner = await self.pool.fetchval("SELECT id FROM installation")
         removed = await self.runtime.cleanup_orphans(await self._replicas_kept_on_this_host())
         if removed:
             log.info("removed %d replicas left over from an earlier run", len(removed))
@@ -190,7 +194,7 @@ class WorkerHost:
             with contextlib.suppress(Exception):
                 await pubsub.aclose()
 
-    def _spawn(self, coroutine: Any, name: str) -> None:
+    def spawn(self, coroutine: Any, name: str) -> None:
         """Run a replica action in the background, keeping a reference until it ends."""
         task = asyncio.create_task(coroutine, name=name)
         self._background.add(task)
@@ -248,7 +252,7 @@ class WorkerHost:
         known = {s["id"] for s in services}
         for replica in list(self.replicas.values()):
             if replica.service.id not in known and replica.status in ("starting", "ready"):
-                self._spawn(replica.stop("stopped", "service deleted"), f"stop {replica.id}")
+                self.spawn(replica.stop("stopped", "service deleted"), f"stop {replica.id}")
         for service, queue_length in zip(services, queued, strict=True):
             desired = desired_replicas(
                 service["runtime"],
@@ -292,7 +296,7 @@ class WorkerHost:
             # A full worker drains anyway: the new generation needs the room.
             if new_ready or desired == 0 or self._free_capacity() <= 0:
                 for replica in outdated:
-                    self._spawn(
+                    self.spawn(
                         replica.drain("rolled over to a new generation"), f"drain {replica.id}"
                     )
         if service["live"] < desired and not self.shutting_down:
@@ -305,7 +309,7 @@ class WorkerHost:
             replica_id = await self._release_slot(service, desired)
             if replica_id is not None and replica_id in self.replicas:
                 reason = "service paused" if service["status"] != "active" else "scaled down"
-                self._spawn(self.replicas[replica_id].drain(reason), f"drain {replica_id}")
+                self.spawn(self.replicas[replica_id].drain(reason), f"drain {replica_id}")
 
     async def _claim_slot(self, service: asyncpg.Record, desired: int) -> str | None:
         async with self.pool.acquire() as conn, conn.transaction():
@@ -382,7 +386,7 @@ class WorkerHost:
             except Exception:
                 pass  # recorded on the replica row by Replica.start; placement backs off
 
-        self._spawn(start(), f"start {replica_id}")
+        self.spawn(start(), f"start {replica_id}")
 
     async def _service_config(self, service_id: str) -> ServiceConfig:
         row = await self.pool.fetchrow("SELECT * FROM services WHERE id = $1", service_id)

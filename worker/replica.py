@@ -32,6 +32,7 @@ log = logging.getLogger(__name__)
 
 JOB_TIMEOUT_S = 8 * 86400  # above any execution timeout: the agent enforces the real one
 DRAIN_TIMEOUT_S = 600
+TIMEOUT_BACKSTOP_S = 2.0  # the worker's own deadline, past the agent's, for a stuck agent
 
 
 @dataclass
@@ -287,15 +288,28 @@ class Replica:
                 else None,
                 "pipeline_execution_id": row["pipeline_execution_id"],
             }
-            outcome = await self.agent.execute(
-                execution_id,
-                row["function"],
-                row["input"],
-                context,
-                row["timeout_s"],
-                on_log=sink.add,
-                on_progress=sink.progress,
-            )
+            try:
+                outcome = await asyncio.wait_for(
+                    self.agent.execute(
+                        execution_id,
+                        row["function"],
+                        row["input"],
+                        context,
+                        row["timeout_s"],
+                        on_log=sink.add,
+                        on_progress=sink.progress,
+                    ),
+                    row["timeout_s"] + TIMEOUT_BACKSTOP_S,
+                )
+            except TimeoutError:
+                # The agent enforces timeouts; one too starved to do so (a fork bomb in a
+                # small container) cannot be trusted with more work either.
+                outcome = ExecutionOutcome("timeout")
+                if self.status in ("ready", "draining"):
+                    self.host.spawn(
+                        self._fail(f"the agent did not stop {execution_id} at its timeout"),
+                        f"fail {self.id}",
+                    )
             if outcome.status == "crashed" and (outcome.error or {}).get("type") == "AgentLost":
                 await self._agent_lost_detail(outcome)
             await sink.close()
