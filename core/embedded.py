@@ -31,6 +31,7 @@ class EmbeddedPostgres:
         runtime_dir = self.data_dir.parent / "runtime"
         if not os.environ.get("XDG_RUNTIME_DIR"):
             runtime_dir.mkdir(parents=True, exist_ok=True)
+            runtime_dir.chmod(0o700)  # the XDG spec wants it private
             os.environ["XDG_RUNTIME_DIR"] = str(runtime_dir)
         logging.getLogger("pgserver").setLevel(logging.WARNING)  # it narrates every command
         import pgserver  # imported late: it is heavy and only the embedded path needs it

@@ -207,6 +207,8 @@ def executions_list(
         response = client.get("/executions", params=params)
         _check(response)
     table = Table("id", "function", "status", "attempt", "created", "duration")
+    table.columns[0].no_wrap = True  # ids whole, to copy into the next command
+    table.columns[0].min_width = 26
     colours = {"success": "green", "failed": "red", "terminated": "yellow"}
     for e in response.json()["items"]:
         colour = colours.get(e["status"], "blue")

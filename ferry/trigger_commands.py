@@ -98,6 +98,8 @@ def list_(
         _print(items)
         return
     table = Table("id", "name", "type", "active", "status", "next fire", "spec")
+    table.columns[0].no_wrap = True  # ids whole, to copy into the next command
+    table.columns[0].min_width = 26
     for t in items:
         spec = t["spec"]
         what = spec.get("cron") or f"{spec.get('resource')} {','.join(spec.get('actions', []))}"
