@@ -46,6 +46,7 @@ BASIC_FUNCTIONS: dict[str, dict[str, Any]] = {
         "background": [],
         "fork_and_return": [],
         "flood": [],
+        "stubborn_fork_bomb": [],
     }.items()
 }
 

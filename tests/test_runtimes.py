@@ -180,6 +180,21 @@ async def test_container_fork_bomb_is_contained(docker_runtime, tmp_path_factory
 
 
 @pytest.mark.docker
+async def test_container_stubborn_fork_bomb_times_out(docker_runtime, tmp_path_factory):
+    # Copies that keep retrying the fork: only the agent's timeout kill ends them.
+    spec = make_spec(tmp_path_factory.mktemp("stubborn"), memory_mb=256, pids_limit=64)
+    replica = await start_replica(docker_runtime, spec)
+    try:
+        started = time.monotonic()
+        call = await replica.call("stubborn_fork_bomb", timeout_s=2, seconds=30)
+        assert call.outcome.status == "timeout", call.outcome
+        assert time.monotonic() - started < 4
+        assert (await replica.call("add", a=1, b=2)).outcome.output == {"sum": 3}
+    finally:
+        await replica.close()
+
+
+@pytest.mark.docker
 async def test_container_fork_failure_is_reported(docker_runtime, tmp_path_factory):
     # pids_limit 2: the agent and one execution; a second execution cannot be forked.
     spec = make_spec(tmp_path_factory.mktemp("pids"), pids_limit=2, concurrency=2)

@@ -50,7 +50,7 @@ class DockerRuntime(Runtime):
         user: str = "1000:1000",
         owner: str | None = None,
     ) -> None:
-        """`owner` labels the containers; `cleanup_orphans` then only touches that owner's."""
+        """`owner` labels the containers; `cleanup_orphans` only touches its owner's."""
         self.client = client or docker.from_env()
         self.user = user
         self.owner = owner
@@ -181,10 +181,10 @@ class DockerRuntime(Runtime):
         )
 
     async def cleanup_orphans(self, keep: set[str]) -> list[str]:
-        """Removes Ferry containers whose replica id is not in keep (only this owner's, if set).
+        """Removes this owner's Ferry containers whose replica id is not in keep.
 
-        Without an owner, workers sharing one engine must pass every live replica id of the
-        engine, not only their own.
+        A runtime without an owner only touches containers without an owner label; such
+        workers sharing one engine must pass every live replica id, not only their own.
         """
         return await asyncio.to_thread(self._cleanup_orphans, keep)
 
@@ -194,7 +194,10 @@ class DockerRuntime(Runtime):
         if self.owner is not None:
             filters["label"].append(f"{LABEL_OWNER}={self.owner}")
         for container in self.client.api.containers(all=True, filters=filters):
-            replica_id = (container.get("Labels") or {}).get(LABEL_REPLICA, "")
+            labels = container.get("Labels") or {}
+            if labels.get(LABEL_OWNER) != self.owner:  # without an owner: unowned ones only
+                continue
+            replica_id = labels.get(LABEL_REPLICA, "")
             if replica_id not in keep:
                 self._remove(container["Id"])
                 removed.append(replica_id)

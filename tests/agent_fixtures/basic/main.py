@@ -147,3 +147,14 @@ def flood(lines, width=100):
     for i in range(lines):
         print(i, row)
     return lines
+
+
+def stubborn_fork_bomb(seconds):
+    # Every copy keeps forking until the deadline, waiting a little when the limit is hit.
+    deadline = time.time() + seconds
+    while time.time() < deadline:
+        try:
+            os.fork()
+        except OSError:
+            time.sleep(0.01)
+    os._exit(0)
