@@ -20,6 +20,8 @@ from rich.table import Table
 from ferry.config import read_config
 
 out = Console(highlight=False, soft_wrap=True)
+if not out.is_terminal:  # piped or captured: tables at full width rather than squeezed into 80
+    out = Console(highlight=False, soft_wrap=True, width=200)
 err = Console(stderr=True, highlight=False)
 
 executions_app = typer.Typer(help="List, inspect and wait for executions.", no_args_is_help=True)

@@ -303,6 +303,8 @@ async def big_executions(settings) -> AsyncIterator[asyncpg.Pool]:
 
 _ADMIN = Principal("t-admin", Role.admin, None)
 _VIEWER = Principal("t-viewer", Role.viewer, "p1")  # a project token always filters by project
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize(
     ("principal", "filters"),
