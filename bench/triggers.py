@@ -1,12 +1,13 @@
 """Trigger benchmark: cron fire lag and scheduler CPU with many active cron triggers, and
 event -> execution latency.
 
-    python -m bench.triggers [--quick] [--triggers N] [--every-second N] [--keep] [--out PATH]
+    python -m bench.triggers [--quick] [--triggers N] [--every-second N] [--period P]
+                             [--duration S] [--keep] [--out PATH]
 
 (a) cron: N active cron triggers (10,000; 1,000 with --quick) inserted straight into
     PostgreSQL in one INSERT ... SELECT generate_series: `--every-second` of them (default
-    1% of N) with `* * * * * *`, the rest with `k/5 * * * * *`, k = i % 5, so every second
-    has the same known number of ticks due. One scheduler process runs for 30 s (10 s quick);
+    1% of N) with `* * * * * *`, the rest with `k/5 * * * * *`, k = i % 5 (`--period`
+    changes the 5), so every second has a known number of ticks due. One scheduler process runs for 30 s (10 s quick);
     no worker runs (the executions stay `created`, queued in Redis). Fire lag =
     executions.created_at - trigger_fire_time for every tick of the window; fires are counted
     against the ticks expected (missing, duplicates). The scheduler's CPU (utime + stime from
@@ -108,30 +109,37 @@ _INSERT = """
            $2::jsonb, $3,
            jsonb_build_object(
                'cron', CASE WHEN i < $4 THEN '* * * * * *'
-                            ELSE (i % 5)::text || '/5 * * * * *' END,
+                            WHEN $7::int = 60 THEN (i % 60)::text || ' * * * * *'
+                            ELSE (i % $7::int)::text || '/' || $7::int || ' * * * * *' END,
                'timezone', 'UTC', 'start_at', NULL, 'end_at', NULL, 'misfire', 'run-once'),
            CASE WHEN i < $4 THEN to_timestamp($5::float8)
-                ELSE to_timestamp($5::float8) + make_interval(secs => ((i % 5) - $5::bigint % 5 + 5) % 5)
+                ELSE to_timestamp($5::float8) + make_interval(secs => ((i % $7::int) - $5::bigint % $7::int + $7::int) % $7::int)
            END,
            'ok'
     FROM generate_series(0, $6 - 1) AS i
 """
 
 
-def expected_ticks(total: int, every_second: int, start: int, end: int) -> int:
+PERIODS = (1, 2, 3, 4, 5, 6, 10, 12, 15, 20, 30, 60)  # divide a minute: a uniform beat
+
+
+def expected_ticks(total: int, every_second: int, period: int, start: int, end: int) -> int:
     """Ticks due in [start, end) (whole epoch seconds)."""
-    per_offset = [sum(1 for i in range(every_second, total) if i % 5 == k) for k in range(5)]
-    return sum(every_second + per_offset[s % 5] for s in range(start, end))
+    per_offset = [0] * period
+    for i in range(every_second, total):
+        per_offset[i % period] += 1
+    return sum(every_second + per_offset[s % period] for s in range(start, end))
 
 
 async def cron_case(stack: FerryStack, project: str, service: str, total: int,
-                    every_second: int, duration: int) -> dict[str, Any]:
+                    every_second: int, period: int, duration: int) -> dict[str, Any]:
     operation = json.dumps({"type": "function", "service": service, "function": "noop"})
     conn = await asyncpg.connect(stack.dsn)
     try:
         base = math.ceil(time.time()) + 3  # the first tick: after the insert, whole second
         t0 = time.perf_counter()
-        await conn.execute(_INSERT, project, operation, service, every_second, base, total)
+        await conn.execute(_INSERT, project, operation, service, every_second, base, total,
+                           period)
         insert_s = time.perf_counter() - t0
         await asyncio.sleep(max(0.0, base - time.time()))
         pid = stack.pid("scheduler")
@@ -165,11 +173,11 @@ async def cron_case(stack: FerryStack, project: str, service: str, total: int,
     finally:
         await conn.close()
     lags = [r["lag"] for r in rows]
-    expected = expected_ticks(total, every_second, base, base + duration)
+    expected = expected_ticks(total, every_second, period, base, base + duration)
     cpu_cores = (cpu1 - cpu0) / (wall1 - wall0)
     return {
         "triggers": total, "every_second": every_second,
-        "every_5_s": total - every_second,
+        "others": total - every_second, "others_period_s": period,
         "ticks_due_per_s": round(expected / duration, 1),
         "window_s": duration, "insert_s": round(insert_s, 3),
         "expected_fires": expected, "fires": len(lags), "distinct_fires": distinct,
@@ -265,7 +273,7 @@ async def run(args: argparse.Namespace, stack: FerryStack) -> dict[str, Any]:
     try:
         project, service = await setup(api)
         cron = await cron_case(stack, project, service, args.triggers, args.every_second,
-                               args.duration)
+                               args.period, args.duration)
         print(f"cron: {cron['fires']}/{cron['expected_fires']} fires, lag "
               f"{json.dumps(cron['fire_lag'])}, cpu {cron['scheduler_cpu_cores']}", flush=True)
         events = await event_case(api, stack, project, service, 200, 20.0)
@@ -279,7 +287,7 @@ def print_table(report: dict[str, Any]) -> None:
     cron, events = report["cron"], report["events"]
     lag = cron["fire_lag"]
     print(f"\nCron: {cron['triggers']} active triggers ({cron['every_second']} every second, "
-          f"{cron['every_5_s']} every 5 s) = {cron['ticks_due_per_s']} ticks/s, "
+          f"{cron['others']} every {cron['others_period_s']} s) = {cron['ticks_due_per_s']} ticks/s, "
           f"{cron['window_s']} s window, one scheduler")
     print(f"  fires {cron['fires']} of {cron['expected_fires']} expected   missing "
           f"{cron['missing']}   duplicates {cron['duplicates']}")
@@ -302,6 +310,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="active cron triggers (default 10000, 1000 with --quick)")
     parser.add_argument("--every-second", type=int, default=None,
                         help="how many of them tick every second (default 1%%)")
+    parser.add_argument("--period", type=int, default=5, choices=PERIODS,
+                        help="the other triggers tick every PERIOD s, spread over its offsets "
+                             "(`k/PERIOD * * * * *`; 60: `k * * * * *`); default 5")
     parser.add_argument("--duration", type=int, default=None,
                         help="measured window in seconds (default 30, 10 with --quick)")
     parser.add_argument("--keep", action="store_true", help="keep the temp dir (process logs)")
