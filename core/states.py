@@ -50,10 +50,14 @@ def _log(status: str, message: str | None = None, **extra: Any) -> list[dict[str
 async def claim(
     conn: asyncpg.Connection, execution_id: str, *, worker_id: str, replica_id: str, lease_s: float
 ) -> asyncpg.Record | None:
-    """created (or handed back) → in-progress with attempt + 1 and a lease; None if not ours."""
-    async with conn.transaction():
-        row = await conn.fetchrow(
-            """UPDATE executions SET status = 'in-progress', attempt = attempt + 1,
+    """created (or handed back) → in-progress with attempt + 1 and a lease; None if not ours.
+
+    One statement (the attempt row is written in the same one): this is on every
+    execution's path, and each round trip to PostgreSQL shows in its latency.
+    """
+    return await conn.fetchrow(
+        """WITH claimed AS (
+               UPDATE executions SET status = 'in-progress', attempt = attempt + 1,
                    lease_until = clock_timestamp() + make_interval(secs => $4),
                    worker_id = $2, replica_id = $3,
                    started_at = coalesce(started_at, clock_timestamp()),
@@ -64,23 +68,17 @@ async def claim(
                        'attempt', attempt + 1))
                WHERE id = $1 AND attempt < max_attempts AND NOT terminate_requested
                  AND (status = 'created' OR (status = 'in-progress' AND lease_until IS NULL))
-               RETURNING *""",
-            execution_id,
-            worker_id,
-            replica_id,
-            lease_s,
-        )
-        if row is not None:
-            await conn.execute(
-                """INSERT INTO execution_attempts (execution_id, attempt, worker_id, replica_id, status)
-                   VALUES ($1, $2, $3, $4, 'in-progress')
-                   ON CONFLICT (execution_id, attempt) DO NOTHING""",
-                execution_id,
-                row["attempt"],
-                worker_id,
-                replica_id,
-            )
-    return row
+               RETURNING *),
+           recorded AS (
+               INSERT INTO execution_attempts (execution_id, attempt, worker_id, replica_id, status)
+               SELECT id, attempt, $2, $3, 'in-progress' FROM claimed
+               ON CONFLICT (execution_id, attempt) DO NOTHING)
+           SELECT * FROM claimed""",
+        execution_id,
+        worker_id,
+        replica_id,
+        lease_s,
+    )
 
 
 async def renew_leases(
@@ -115,33 +113,39 @@ async def finish(
     error: dict[str, Any] | None = None,
     message: str | None = None,
 ) -> asyncpg.Record | None:
-    """in-progress (this attempt) → terminal. None when someone else moved it on first."""
+    """in-progress (this attempt) → terminal. None when someone else moved it on first.
+
+    One statement: the status, the attempt's row, and the NOTIFY that wakes waiters (sent at
+    commit). The attempt row is closed even when the execution moved on without it.
+    """
     assert status in TERMINAL
-    async with conn.transaction():
-        row = await conn.fetchrow(
-            """UPDATE executions SET status = $3, reason = $4, output = $5, error = $6,
+    return await conn.fetchrow(
+        """WITH done AS (
+               UPDATE executions SET status = $3, reason = $4, output = $5, error = $6,
                    lease_until = NULL, finished_at = clock_timestamp(),
                    updated_at = clock_timestamp(),
                    progress_percent = CASE WHEN $3 = 'success' THEN 100 ELSE progress_percent END,
                    status_log = status_log || $7::jsonb
                WHERE id = $1 AND attempt = $2 AND status = 'in-progress'
-               RETURNING *""",
-            execution_id,
-            attempt,
+               RETURNING *),
+           closed AS (
+               UPDATE execution_attempts SET status = $3, reason = $4, error = $6,
+                   finished_at = clock_timestamp()
+               WHERE execution_id = $1 AND attempt = $2 AND finished_at IS NULL)
+           SELECT done.* FROM done, LATERAL (SELECT pg_notify($8, done.id)) AS notified""",
+        execution_id,
+        attempt,
+        status.value,
+        reason.value if reason else None,
+        output,
+        error,
+        _log(
             status.value,
-            reason.value if reason else None,
-            output,
-            error,
-            _log(
-                status.value,
-                message or (error or {}).get("message"),
-                reason=reason and reason.value,
-            ),
-        )
-        await _close_attempt(conn, execution_id, attempt, status.value, reason, error)
-        if row is not None:
-            await _notify_finished(conn, row)
-    return row
+            message or (error or {}).get("message"),
+            reason=reason and reason.value,
+        ),
+        NOTIFY_CHANNEL,
+    )
 
 
 async def hand_back(
