@@ -142,7 +142,7 @@ async def follow(http: httpx.AsyncClient, execution_id: str, deadline: float,
                         event = None
     except TimeoutError:
         error = "timeout"
-    except Exception as exc:  # noqa: BLE001 - reported, not raised
+    except Exception as exc:
         error = f"{type(exc).__name__}: {exc}"[:300]
     if connected is not None:
         connected.set()
@@ -154,17 +154,17 @@ async def follow(http: httpx.AsyncClient, execution_id: str, deadline: float,
 
 
 def client_process(url: str, token: str, execution_id: str, count: int, budget_s: float,
-                   ready, results) -> None:  # noqa: ANN001 - multiprocessing objects
+                   ready, results) -> None:
     """Holds `count` followers of one execution; puts its findings on `results`."""
     try:
         raise_nofile()
         results.put(asyncio.run(_client_main(url, token, execution_id, count, budget_s, ready)))
-    except Exception:  # noqa: BLE001
+    except Exception:
         results.put({"fatal": traceback.format_exc()[-2000:]})
 
 
 async def _client_main(url: str, token: str, execution_id: str, count: int, budget_s: float,
-                       ready) -> dict[str, Any]:  # noqa: ANN001
+                       ready) -> dict[str, Any]:
     deadline = time.monotonic() + budget_s
     limits = httpx.Limits(max_connections=count + 10, max_keepalive_connections=count + 10)
     async with httpx.AsyncClient(

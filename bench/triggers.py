@@ -202,7 +202,7 @@ async def drain_events_group(stack: FerryStack, timeout_s: float = 60) -> float:
             try:
                 info = await redis.xinfo_stream("ferry:events")
                 groups = await redis.xinfo_groups("ferry:events")
-            except Exception:  # noqa: BLE001 - no stream yet
+            except Exception:
                 return 0.0
             last = info["last-generated-id"]
             if all(g["last-delivered-id"] == last and g["pending"] == 0 for g in groups):
@@ -262,7 +262,7 @@ def stop_worker(stack: FerryStack) -> None:
             child.process.send_signal(signal.SIGTERM)
             try:
                 child.process.wait(30)
-            except Exception:  # noqa: BLE001
+            except Exception:
                 child.process.kill()
                 child.process.wait(10)
             stack.children.remove(child)
