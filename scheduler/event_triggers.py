@@ -113,12 +113,7 @@ class EventTriggerLoop:
                 GROUP, self.consumer, {EVENTS_STREAM: start}, count=READ_COUNT, block=block_ms
             )
             entries = reply[0][1] if reply else []
-            for entry_id, fields in entries:
-                if fields:
-                    await self.handle(_text(entry_id), fields)
-                    handled += 1
-                else:  # pending, but trimmed from the stream meanwhile: nothing to handle
-                    await self.redis.xack(EVENTS_STREAM, GROUP, entry_id)
+            handled += await self._handle_batch(entries)
             if start == ">" or not entries:
                 return handled
             start = _text(entries[-1][0])  # paging through our pending list
@@ -131,14 +126,39 @@ class EventTriggerLoop:
                 EVENTS_STREAM, GROUP, self.consumer, min_idle_ms, cursor, count=READ_COUNT
             )
             cursor, entries = _text(reply[0]), reply[1]
-            for entry_id, fields in entries:
-                if fields:
-                    await self.handle(_text(entry_id), fields)
-                else:  # trimmed from the stream meanwhile: nothing left to handle
-                    await self.redis.xack(EVENTS_STREAM, GROUP, entry_id)
-                claimed += 1
+            await self._handle_batch(entries)
+            claimed += len(entries)
             if cursor == "0-0":
                 return claimed
+
+    async def _handle_batch(self, entries: list[Any]) -> int:
+        """Handle a batch read from the stream. Most events (every execution's status changes)
+        match no trigger: one query finds which (project, resource) pairs have any, the rest
+        are acknowledged together without a transaction each."""
+        events = [(_text(entry_id), fields) for entry_id, fields in entries]
+        parsed = {entry_id: parse_event(entry_id, fields) for entry_id, fields in events if fields}
+        projects = list({event["project"] for event in parsed.values() if event["project"]})
+        watched: set[tuple[str, str]] = set()
+        if projects:
+            rows = await self.pool.fetch(
+                """SELECT DISTINCT project_id, spec ->> 'resource' AS resource FROM triggers
+                   WHERE active AND type = 'event' AND project_id = ANY($1::text[])""",
+                projects,
+            )
+            watched = {(r["project_id"], r["resource"]) for r in rows}
+        skipped: list[str] = []
+        handled = 0
+        for entry_id, fields in events:
+            event = parsed.get(entry_id)
+            # Trimmed from the stream meanwhile (no fields), or nothing listens: just ack.
+            if event is None or (event["project"], event["resource"]) not in watched:
+                skipped.append(entry_id)
+                continue
+            await self.handle(entry_id, fields)
+            handled += 1
+        if skipped:
+            await self.redis.xack(EVENTS_STREAM, GROUP, *skipped)
+        return handled + len(skipped)
 
     async def handle(self, event_id: str, fields: dict[Any, Any]) -> list[Execution]:
         event = parse_event(event_id, fields)
