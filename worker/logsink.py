@@ -1,8 +1,9 @@
 """An execution's log lines and progress, on their way to PostgreSQL and Redis.
 
-Lines are batched (a flush every `FLUSH_S` or `FLUSH_LINES`) into `execution_logs` and a
-Redis stream per execution that live followers read. Secret values are masked, and past
-the per-execution caps one marker line says what was dropped.
+Lines are written as they come, in batches of whatever arrived while the previous batch was
+being written, into `execution_logs` and a Redis stream per execution that live followers
+read. Secret values are masked, and past the per-execution caps one marker line says what
+was dropped.
 """
 
 from __future__ import annotations
@@ -20,8 +21,6 @@ from core.secrets import mask_secrets
 
 log = logging.getLogger(__name__)
 
-FLUSH_S = 0.05
-FLUSH_LINES = 500
 PROGRESS_EVERY_S = 0.2
 STREAM_MAXLEN = 20_000
 STREAM_TTL_S = 24 * 3600
@@ -80,17 +79,14 @@ class LogSink:
         self.bytes += size
         when = datetime.fromtimestamp(at, UTC) if at else datetime.now(UTC)
         self._pending.append((self.seq, when, stream, text))
-        if len(self._pending) >= FLUSH_LINES:
-            self._schedule(0)
-        else:
-            self._schedule(FLUSH_S)
+        self._schedule(0)
 
     def system(self, text: str) -> None:
         self.add("system", text)
 
     def progress(self, percent: float, message: str | None) -> None:
         self._progress = (max(0.0, min(100.0, float(percent))), message)
-        self._schedule(FLUSH_S)
+        self._schedule(0)
 
     def _schedule(self, delay: float) -> None:
         if self._flusher is None or self._flusher.done():
@@ -103,10 +99,19 @@ class LogSink:
                 await asyncio.sleep(delay)
             finally:
                 self._sleeping = False
-        try:
-            await self.flush()
-        except Exception:  # a failed batch is retried by the next flush; logs never fail a run
-            log.exception("flushing logs of %s failed", self.execution_id)
+        # Lines that arrive while a batch is being written form the next batch: an idle sink
+        # writes a line at once, a busy one batches by itself.
+        failures = 0
+        while self._pending or self._progress is not None:
+            try:
+                await self.flush()
+                failures = 0
+            except Exception:  # logs never fail a run: retry a few times, close() tries again
+                failures += 1
+                log.exception("flushing logs of %s failed", self.execution_id)
+                if failures >= 3:
+                    return
+                await asyncio.sleep(0.2 * failures)
 
     async def flush(self) -> None:
         async with self._lock:
