@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import random
 import subprocess
 import sys
 import time
@@ -15,6 +16,7 @@ from arq.connections import ArqRedis, RedisSettings, create_pool
 
 from bench.cpu import CpuMeter
 from bench.cpu import delta as cpu_delta
+from bench.ferry_cases import JITTER_S
 from bench.stack import REPO, tail
 from bench.stats import summary_ms
 
@@ -79,6 +81,7 @@ async def arq_latency(redis_url: str, poll_delay: float, *, runs: int, warmup: i
             for _ in range(runs):
                 if time.monotonic() > deadline or process.poll() is not None:
                     break
+                await asyncio.sleep(random.uniform(0, JITTER_S))  # as for Ferry's runs
                 samples.append(await _one(redis, queue, poll_delay))
             after = await asyncio.to_thread(meter.snapshot)
     finally:

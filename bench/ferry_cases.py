@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import io
+import random
 import time
 import zipfile
 from typing import Any
@@ -22,6 +23,10 @@ from bench.cpu import delta as cpu_delta
 from bench.stats import percentile, summary_ms
 
 TERMINAL = ("success", "failed", "terminated")
+# Untimed random pause before each sequential run. Back-to-back runs have a fixed period,
+# which can lock onto the worker's fixed queue-poll period and land every job just before
+# (or just after) a poll: the median would then swing by up to a poll delay between runs.
+JITTER_S = 0.01
 
 MANIFEST = {
     "name": "bench",
@@ -194,12 +199,14 @@ async def warm_latency(client: FerryClient, dsn: str, project: str, package: str
     for _ in range(runs):
         if time.monotonic() > deadline:
             break
+        await asyncio.sleep(random.uniform(0, JITTER_S))  # arrive at a random phase
         results.append(await client.run_one(service_id))
     after = await asyncio.to_thread(meter.snapshot)
     times = await db_times(dsn, [r["id"] for r in results])
     report = {
         "runs": len(results),
         "warmup": warmup,
+        "untimed_jitter_before_each_run_s": [0, JITTER_S],
         "complete": len(results) == runs,
         "post_to_terminal": summary_ms([r["total_s"] for r in results]),
         "post_only": summary_ms([r["post_s"] for r in results]),

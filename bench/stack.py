@@ -6,6 +6,7 @@ all down (processes, leftover replica containers, the servers, the directory).""
 from __future__ import annotations
 
 import asyncio
+import atexit
 import os
 import shutil
 import signal
@@ -23,6 +24,20 @@ from bench.cpu import CpuMeter
 
 REPO = Path(__file__).resolve().parent.parent
 ROLES = ("api", "scheduler", "worker")
+
+
+def _private_runtime_dir() -> None:
+    """Give this process an XDG_RUNTIME_DIR of its own, removed when it exits.
+
+    pgserver keeps a lock file there and touches it again from an atexit handler; left to
+    core.embedded, that dir would sit inside the temp dir `stop()` removes, and be created
+    anew at exit. Registered before pgserver is imported, this handler runs after its own.
+    """
+    if os.environ.get("XDG_RUNTIME_DIR"):
+        return
+    path = tempfile.mkdtemp(prefix="ferry-bx-")  # mode 0700
+    os.environ["XDG_RUNTIME_DIR"] = path
+    atexit.register(shutil.rmtree, path, True)
 
 
 def free_port() -> int:
@@ -67,6 +82,7 @@ class FerryStack:
 
         from core.embedded import EmbeddedStack
 
+        _private_runtime_dir()
         # Short: replica sockets live under it and unix socket paths are capped at 107 bytes.
         self.dir = Path(tempfile.mkdtemp(prefix="ferry-b-"))
         data_dir = self.dir / "data"
