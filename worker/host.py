@@ -164,14 +164,21 @@ class WorkerHost:
             self.settings.lease_s,
         )
         renewed = {r["id"]: r["terminate_requested"] for r in rows}
-        for execution_id in held:
-            replica = self.running.get(execution_id)
-            if replica is None:
-                continue
-            if execution_id not in renewed:
-                log.warning("lost the lease of %s; stopping it", execution_id)
-                await replica.agent.stop(execution_id)
-            elif renewed[execution_id]:
+        missing = [i for i in held if i not in renewed and i in self.running]
+        if missing:
+            # Not renewed: finished a moment ago (fine), or taken back by the reconciler.
+            taken = await self.pool.fetch(
+                """SELECT id FROM executions WHERE id = ANY($1::text[]) AND status = 'in-progress'
+                     AND (worker_id IS DISTINCT FROM $2 OR lease_until IS NULL)""",
+                missing,
+                self.id,
+            )
+            for row in taken:
+                if (replica := self.running.get(row["id"])) is not None:
+                    log.warning("lost the lease of %s; stopping it", row["id"])
+                    await replica.agent.stop(row["id"])
+        for execution_id, terminate in renewed.items():
+            if terminate and (replica := self.running.get(execution_id)) is not None:
                 await replica.agent.stop(execution_id)
 
     async def _listen_control(self) -> None:
