@@ -173,3 +173,16 @@ async def delete_token(conn: asyncpg.Pool, by: Principal, token_id: str) -> None
     if row["project_id"] is not None:
         by.require(Role.owner, row["project_id"])
     await conn.execute("DELETE FROM tokens WHERE id = $1", token_id)
+
+
+async def fetch_visible(
+    conn: asyncpg.Connection | asyncpg.Pool, by: Principal, table: str, row_id: str, what: str
+) -> asyncpg.Record:
+    """A row by id, or 404 when it does not exist or belongs to a project `by` cannot see.
+
+    `table` is always a constant of the calling store, never client input.
+    """
+    row = await conn.fetchrow(f"SELECT * FROM {table} WHERE id = $1", row_id)
+    if row is None or not by.can_see(row["project_id"]):
+        raise NotFound(f"{what} not found")
+    return row

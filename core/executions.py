@@ -14,8 +14,8 @@ from arq.connections import ArqRedis
 from pydantic import Field
 
 from core import events, queue, states
-from core.auth import Principal, Role
-from core.errors import FerryError, Invalid, InvalidTransition, NotFound
+from core.auth import Principal, Role, fetch_visible
+from core.errors import FerryError, Invalid, InvalidTransition
 from core.ids import new_id
 from core.manifest import find_function, validate_inputs
 from core.models import Model, Request, Timestamp, status_entry
@@ -301,11 +301,8 @@ async def _insert(
 
 async def fetch_execution(
     conn: asyncpg.Connection | asyncpg.Pool, by: Principal, execution_id: str
-) -> asyncpg.Record:
-    row = await conn.fetchrow("SELECT * FROM executions WHERE id = $1", execution_id)
-    if row is None or not by.can_see(row["project_id"]):
-        raise NotFound("execution not found")
-    return row
+):
+    return await fetch_visible(conn, by, "executions", execution_id, "execution")
 
 
 async def get_execution(pool: asyncpg.Pool, by: Principal, execution_id: str) -> Execution:

@@ -10,7 +10,7 @@ from pydantic import Field, field_validator, model_validator
 from redis.asyncio import Redis
 
 from core import events
-from core.auth import Principal, Role
+from core.auth import Principal, Role, fetch_visible
 from core.errors import Conflict, Invalid, NotFound
 from core.ids import new_id
 from core.manifest import FunctionSpec, Manifest, find_module, validate_inputs
@@ -233,10 +233,7 @@ async def create_service(
 
 
 async def fetch_service(conn: asyncpg.Connection | asyncpg.Pool, by: Principal, service_id: str):
-    row = await conn.fetchrow("SELECT * FROM services WHERE id = $1", service_id)
-    if row is None or not by.can_see(row["project_id"]):
-        raise NotFound("service not found")
-    return row
+    return await fetch_visible(conn, by, "services", service_id, "service")
 
 
 async def get_service(pool: asyncpg.Pool, by: Principal, service_id: str) -> Service:

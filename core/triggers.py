@@ -18,7 +18,7 @@ from redis.asyncio import Redis
 from redis.exceptions import ResponseError
 
 from core import filters
-from core.auth import Principal, Role
+from core.auth import Principal, Role, fetch_visible
 from core.errors import Conflict, Invalid, NotFound
 from core.events import EVENTS_STREAM
 from core.ids import new_id
@@ -288,10 +288,7 @@ async def create_trigger(pool: asyncpg.Pool, by: Principal, body: TriggerCreate)
 
 
 async def fetch_trigger(conn: asyncpg.Connection | asyncpg.Pool, by: Principal, trigger_id: str):
-    row = await conn.fetchrow("SELECT * FROM triggers WHERE id = $1", trigger_id)
-    if row is None or not by.can_see(row["project_id"]):
-        raise NotFound("trigger not found")
-    return row
+    return await fetch_visible(conn, by, "triggers", trigger_id, "trigger")
 
 
 async def get_trigger(pool: asyncpg.Pool, by: Principal, trigger_id: str) -> Trigger:

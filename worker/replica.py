@@ -32,7 +32,15 @@ log = logging.getLogger(__name__)
 
 JOB_TIMEOUT_S = 8 * 86400  # above any execution timeout: the agent enforces the real one
 DRAIN_TIMEOUT_S = 600
-TIMEOUT_BACKSTOP_S = 2.0  # the worker's own deadline, past the agent's, for a stuck agent
+TIMEOUT_BACKSTOP_S = 2.0
+# Agent outcomes that fail the execution, with their reason. A crash of the function's own
+# process is here; a crash of the whole agent (AgentLost) is handed back instead.
+_FAILURE_REASONS = {
+    "failed": Reason.exception,
+    "timeout": Reason.timeout,
+    "oom": Reason.oom,
+    "crashed": Reason.crashed,
+}  # the worker's own deadline, past the agent's, for a stuck agent
 
 
 @dataclass
@@ -361,36 +369,24 @@ class Replica:
                             "details": exc.details,
                         },
                     )
-            elif outcome.status == "failed":
-                finished = await states.finish(
-                    conn,
-                    execution_id,
-                    attempt,
-                    ExecutionStatus.failed,
-                    reason=Reason.exception,
-                    error=outcome.error,
-                )
-            elif outcome.status == "timeout":
-                finished = await states.finish(
-                    conn,
-                    execution_id,
-                    attempt,
-                    ExecutionStatus.failed,
-                    reason=Reason.timeout,
-                    error={
+            elif (
+                outcome.status in _FAILURE_REASONS
+                and (outcome.error or {}).get("type") != "AgentLost"
+            ):  # the function failed (or its own process died); the replica lives on
+                error = outcome.error
+                if outcome.status == "timeout":
+                    error = {
                         "type": "Timeout",
                         "traceback": None,
                         "message": f"the function ran past its timeout of {row['timeout_s']} s and was killed",
-                    },
-                )
-            elif outcome.status == "oom":
+                    }
                 finished = await states.finish(
                     conn,
                     execution_id,
                     attempt,
                     ExecutionStatus.failed,
-                    reason=Reason.oom,
-                    error=outcome.error,
+                    reason=_FAILURE_REASONS[outcome.status],
+                    error=error,
                 )
             elif outcome.status == "terminated":
                 wanted = await conn.fetchval(
@@ -426,13 +422,13 @@ class Replica:
                     retry=self.service.on_reset == "rerun",
                     error=outcome.error,
                 )
-            else:  # the function's own process crashed; the replica lives on
+            else:  # an outcome this worker does not know: record it rather than lose it
                 finished = await states.finish(
                     conn,
                     execution_id,
                     attempt,
                     ExecutionStatus.failed,
-                    reason=Reason.crashed,
+                    reason=Reason.system,
                     error=outcome.error,
                 )
         if finished is None:
