@@ -33,6 +33,7 @@ from typing import Any
 import httpx
 import yaml
 
+from bench.api import Api as BaseApi
 from bench.stack import FerryStack
 from bench.stats import summary_ms
 
@@ -196,16 +197,8 @@ async def _client_main(url: str, token: str, execution_id: str, count: int, budg
 # -- the benchmark ------------------------------------------------------------------------------
 
 
-class Api:
-    def __init__(self, url: str, token: str) -> None:
-        self.http = httpx.AsyncClient(base_url=url, headers={"Authorization": f"Bearer {token}"},
-                                      timeout=httpx.Timeout(60.0))
-
-    async def call(self, method: str, path: str, **kwargs: Any) -> Any:
-        response = await self.http.request(method, path, **kwargs)
-        if response.status_code not in (200, 201, 202):
-            raise RuntimeError(f"{method} {path}: {response.status_code} {response.text[:500]}")
-        return response.json() if response.content else None
+class Api(BaseApi):
+    """The shared client, plus what this benchmark asks of the API."""
 
     async def start(self, service: str, lines: int, interval: float, delay: float) -> str:
         created = await self.call("POST", "/api/v1/executions", json={

@@ -36,9 +36,9 @@ from pathlib import Path
 from typing import Any
 
 import asyncpg
-import httpx
 import yaml
 
+from bench.api import Api
 from bench.stack import FerryStack
 from bench.stats import summary_ms
 
@@ -76,18 +76,6 @@ def cpu_seconds(pid: int) -> float:
     stat = Path(f"/proc/{pid}/stat").read_text()
     fields = stat[stat.rindex(")") + 2:].split()
     return (int(fields[11]) + int(fields[12])) / CLK_TCK
-
-
-class Api:
-    def __init__(self, url: str, token: str) -> None:
-        self.http = httpx.AsyncClient(base_url=url, headers={"Authorization": f"Bearer {token}"},
-                                      timeout=httpx.Timeout(60.0))
-
-    async def call(self, method: str, path: str, **kwargs: Any) -> Any:
-        response = await self.http.request(method, path, **kwargs)
-        if response.status_code not in (200, 201, 202):
-            raise RuntimeError(f"{method} {path}: {response.status_code} {response.text[:500]}")
-        return response.json() if response.content else None
 
 
 async def setup(api: Api) -> tuple[str, str]:
