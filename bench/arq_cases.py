@@ -21,22 +21,39 @@ from bench.stack import REPO, tail
 from bench.stats import summary_ms
 
 
-def _spawn_worker(redis_url: str, queue: str, poll_delay: float, max_jobs: int,
-                  log_path: Any) -> subprocess.Popen[bytes]:
+def _spawn_worker(
+    redis_url: str, queue: str, poll_delay: float, max_jobs: int, log_path: Any
+) -> subprocess.Popen[bytes]:
     with open(log_path, "ab") as out:
         return subprocess.Popen(
-            [sys.executable, "-m", "bench.arq_worker", "--redis", redis_url, "--queue", queue,
-             "--poll-delay", str(poll_delay), "--max-jobs", str(max_jobs)],
-            cwd=REPO, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+            [
+                sys.executable,
+                "-m",
+                "bench.arq_worker",
+                "--redis",
+                redis_url,
+                "--queue",
+                queue,
+                "--poll-delay",
+                str(poll_delay),
+                "--max-jobs",
+                str(max_jobs),
+            ],
+            cwd=REPO,
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=subprocess.STDOUT,
             start_new_session=True,
         )
 
 
 @contextlib.asynccontextmanager
-async def arq_worker(redis_url: str, queue: str, poll_delay: float, max_jobs: int,
-                     log_path: Any, meter: CpuMeter) -> AsyncIterator[subprocess.Popen[bytes]]:
-    process = await asyncio.to_thread(_spawn_worker, redis_url, queue, poll_delay, max_jobs,
-                                      log_path)
+async def arq_worker(
+    redis_url: str, queue: str, poll_delay: float, max_jobs: int, log_path: Any, meter: CpuMeter
+) -> AsyncIterator[subprocess.Popen[bytes]]:
+    process = await asyncio.to_thread(
+        _spawn_worker, redis_url, queue, poll_delay, max_jobs, log_path
+    )
     meter.roots[process.pid] = "arq worker"
     try:
         yield process
@@ -59,8 +76,16 @@ async def _one(redis: ArqRedis, queue: str, poll_delay: float) -> float:
     return time.perf_counter() - t0
 
 
-async def arq_latency(redis_url: str, poll_delay: float, *, runs: int, warmup: int,
-                      budget_s: float, log_path: Any, meter: CpuMeter) -> dict[str, Any]:
+async def arq_latency(
+    redis_url: str,
+    poll_delay: float,
+    *,
+    runs: int,
+    warmup: int,
+    budget_s: float,
+    log_path: Any,
+    meter: CpuMeter,
+) -> dict[str, Any]:
     """Enqueue → `job.result()`, sequentially; worker and result polling at `poll_delay`."""
     queue = f"bench:arq:{uuid.uuid4().hex[:8]}"
     redis = await create_pool(RedisSettings.from_dsn(redis_url))
@@ -87,19 +112,30 @@ async def arq_latency(redis_url: str, poll_delay: float, *, runs: int, warmup: i
     finally:
         await redis.delete(queue)
         await redis.aclose()
-    return {"poll_delay_s": poll_delay, "runs": len(samples), "complete": len(samples) == runs,
-            "enqueue_to_result": summary_ms(samples),
-            "cpu": cpu_delta(before, after, len(samples))}
+    return {
+        "poll_delay_s": poll_delay,
+        "runs": len(samples),
+        "complete": len(samples) == runs,
+        "enqueue_to_result": summary_ms(samples),
+        "cpu": cpu_delta(before, after, len(samples)),
+    }
 
 
-async def arq_throughput(redis_url: str, poll_delay: float, *, total: int, max_jobs: int,
-                         budget_s: float, log_path: Any, meter: CpuMeter) -> dict[str, Any]:
+async def arq_throughput(
+    redis_url: str,
+    poll_delay: float,
+    *,
+    total: int,
+    max_jobs: int,
+    budget_s: float,
+    log_path: Any,
+    meter: CpuMeter,
+) -> dict[str, Any]:
     """Enqueue `total` jobs (50 enqueues in flight), time until the queue is empty."""
     queue = f"bench:arq:{uuid.uuid4().hex[:8]}"
     redis = await create_pool(RedisSettings.from_dsn(redis_url))
     try:
-        async with arq_worker(redis_url, queue, poll_delay, max_jobs, log_path,
-                              meter) as process:
+        async with arq_worker(redis_url, queue, poll_delay, max_jobs, log_path, meter) as process:
             first = await redis.enqueue_job("noop", _queue_name=queue)
             assert first is not None
             await first.result(timeout=30, poll_delay=0.01)
@@ -154,5 +190,9 @@ def docker_run(image: str, calls: int, budget_s: float) -> dict[str, Any]:
             raise RuntimeError(f"docker run failed: {done.stderr.decode(errors='replace')[:500]}")
         if index:
             samples.append(elapsed)
-    return {"image": image, "calls": len(samples), "command": " ".join(command),
-            "per_call": summary_ms(samples)}
+    return {
+        "image": image,
+        "calls": len(samples),
+        "command": " ".join(command),
+        "per_call": summary_ms(samples),
+    }

@@ -1,9 +1,9 @@
 """CPU accounting per Ferry component, from /proc: where the machine's cycles go in a phase.
 
 Every process is charged to the nearest ancestor that is a component root (api, worker,
-scheduler, the agents, PostgreSQL's postmaster, Redis). A process's own time plus the time
-of children it reaped (cutime/cstime) is counted, so the agents' forked per-execution
-children land on the agents. The rest of the machine (other tenants) is `others`: the
+scheduler, the agents, PostgreSQL's postmaster, Redis). A process's own time (its threads'
+schedstat, in nanoseconds) plus the time of children it reaped (cutime/cstime, in clock
+ticks) is counted, so the agents' forked per-execution children land on the agents. The rest of the machine (other tenants) is `others`: the
 whole machine's busy time from /proc/stat minus everything above and this process.
 """
 
@@ -26,6 +26,19 @@ class Proc:
     cmdline: str
 
 
+def _own_cpu_s(proc_dir: str) -> float | None:
+    """A process's own CPU time in ns precision: the sum over its threads' schedstat (the
+    clock ticks of /proc/PID/stat are 10 ms, too coarse for what an idle process uses)."""
+    total = 0
+    try:
+        for task in os.scandir(os.path.join(proc_dir, "task")):
+            with open(os.path.join(task.path, "schedstat")) as handle:
+                total += int(handle.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return None
+    return total / 1e9
+
+
 def _processes() -> dict[int, Proc]:
     found = {}
     for entry in os.scandir("/proc"):
@@ -33,16 +46,23 @@ def _processes() -> dict[int, Proc]:
             continue
         try:
             stat = Path(entry.path, "stat").read_text()
-            cmdline = Path(entry.path, "cmdline").read_bytes().replace(b"\0", b" ").decode(
-                errors="replace")
+            cmdline = (
+                Path(entry.path, "cmdline")
+                .read_bytes()
+                .replace(b"\0", b" ")
+                .decode(errors="replace")
+            )
         except OSError:
             continue
         # The command name may hold spaces and parentheses: split after the last ')'.
-        fields = stat[stat.rfind(")") + 2:].split()
+        fields = stat[stat.rfind(")") + 2 :].split()
         ppid = int(fields[1])
         utime, stime, cutime, cstime = (int(v) for v in fields[11:15])
         pid = int(entry.name)
-        found[pid] = Proc(pid, ppid, (utime + stime + cutime + cstime) / TICK, cmdline)
+        own = _own_cpu_s(entry.path)
+        if own is None:
+            own = (utime + stime) / TICK
+        found[pid] = Proc(pid, ppid, own + (cutime + cstime) / TICK, cmdline)
     return found
 
 
@@ -65,12 +85,20 @@ class CpuMeter:
             return {}
         ids = subprocess.run(
             ["docker", "ps", "-q", "--filter", f"label=ferry.owner={self.docker_owner}"],
-            capture_output=True, text=True, timeout=20, check=False).stdout.split()
+            capture_output=True,
+            text=True,
+            timeout=20,
+            check=False,
+        ).stdout.split()
         if not ids:
             return {}
         pids = subprocess.run(
             ["docker", "inspect", "--format", "{{.State.Pid}}", *ids],
-            capture_output=True, text=True, timeout=20, check=False).stdout.split()
+            capture_output=True,
+            text=True,
+            timeout=20,
+            check=False,
+        ).stdout.split()
         return {int(p): "agents" for p in pids if p.isdigit() and int(p) > 0}
 
     def snapshot(self) -> dict[str, float]:
@@ -122,7 +150,9 @@ def delta(before: dict[str, float], after: dict[str, float], units: int) -> dict
         "machine_busy_pct": round(100 * machine / (wall * ncpu), 1) if wall else None,
         "others_pct_of_machine": round(100 * others / (wall * ncpu), 1) if wall else None,
         "system_cpu_ms_per_unit": round(1000 * measured / units, 3) if units else None,
-        "cpu_s": {n: round(v, 2) for n, v in used.items()},
-        "cpu_ms_per_unit": {n: round(1000 * v / units, 3) for n, v in used.items()} if units else {},
+        "cpu_s": {n: round(v, 4) for n, v in used.items()},
+        "cpu_ms_per_unit": {n: round(1000 * v / units, 3) for n, v in used.items()}
+        if units
+        else {},
         "units": units,
     }

@@ -65,6 +65,7 @@ class FerryStack:
     runtime: str  # docker | process
     worker_capacity: int = 16
     keep_dir: bool = False
+    api_workers: int = 1  # `ferry api --workers N`
     dir: Path | None = None
     dsn: str = ""
     redis_url: str = ""
@@ -115,14 +116,30 @@ class FerryStack:
             self.children.append(self._spawn(role))
         self._wait_ready(ready_timeout_s)
 
-    def _spawn(self, role: str) -> Child:
+    def add(self, role: str) -> Child:
+        """One more process of `role` (a second scheduler, say), stopped with the rest."""
+        child = self._spawn(role, f"{role}-{sum(c.role == role for c in self.children) + 1}")
+        self.children.append(child)
+        return child
+
+    def pids(self, role: str) -> list[int]:
+        return [c.process.pid for c in self.children if c.role == role]
+
+    def _spawn(self, role: str, name: str | None = None) -> Child:
         assert self.dir is not None
         command = [sys.executable, "-m", "ferry", role]
-        log_path = self.dir / f"{role}.log"
+        if role == "api" and self.api_workers > 1:
+            command += ["--workers", str(self.api_workers)]
+        log_path = self.dir / f"{name or role}.log"
         with open(log_path, "wb") as out:
             process = subprocess.Popen(
-                command, env=self.env, cwd=REPO, stdin=subprocess.DEVNULL, stdout=out,
-                stderr=subprocess.STDOUT, start_new_session=True,
+                command,
+                env=self.env,
+                cwd=REPO,
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
             )
         return Child(role, process, log_path)
 
@@ -133,7 +150,8 @@ class FerryStack:
                 if child.process.poll() is not None:
                     raise RuntimeError(
                         f"ferry {child.role} exited with {child.process.returncode}:\n"
-                        f"{tail(child.log_path)}")
+                        f"{tail(child.log_path)}"
+                    )
             try:
                 if httpx.get(f"{self.url}/readyz", timeout=1.0).status_code == 200:
                     return
@@ -147,7 +165,8 @@ class FerryStack:
             if child.process.poll() is not None:
                 raise RuntimeError(
                     f"ferry {child.role} died (exit {child.process.returncode}):\n"
-                    f"{tail(child.log_path)}")
+                    f"{tail(child.log_path)}"
+                )
 
     def pid(self, role: str) -> int:
         return next(c.process.pid for c in self.children if c.role == role)
@@ -218,11 +237,15 @@ class FerryStack:
             return
         found = subprocess.run(
             ["docker", "ps", "-aq", *[arg for n in names for arg in ("--filter", f"name=^{n}$")]],
-            capture_output=True, text=True, timeout=30, check=False,
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=False,
         ).stdout.split()
         if found:
-            subprocess.run(["docker", "rm", "-f", *found], capture_output=True, timeout=60,
-                           check=False)
+            subprocess.run(
+                ["docker", "rm", "-f", *found], capture_output=True, timeout=60, check=False
+            )
 
 
 async def _bootstrap(dsn: str) -> tuple[str, str]:
@@ -234,7 +257,8 @@ async def _bootstrap(dsn: str) -> tuple[str, str]:
     try:
         await db.migrate(conn)
         created = await auth.create_token(
-            conn, auth.TokenCreate(name="bench admin", role=auth.Role.admin), by=None)
+            conn, auth.TokenCreate(name="bench admin", role=auth.Role.admin), by=None
+        )
         return created.token, await conn.fetchval("SELECT id FROM installation")
     finally:
         await conn.close()

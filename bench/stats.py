@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import math
+import sys
 from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
 
 
 def percentile(values: Sequence[float], q: float) -> float:
@@ -33,3 +37,23 @@ def summary_ms(seconds: Sequence[float]) -> dict[str, float | int]:
         "min_ms": round(min(ms), 2),
         "max_ms": round(max(ms), 2),
     }
+
+
+def save_report(report: dict[str, Any], out: Path, dated_name: str) -> Path:
+    """Write the JSON report to `out` and a dated copy beside it; returns the copy's path."""
+    text = json.dumps(report, indent=2, default=str)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(text + "\n")
+    dated = out.parent / dated_name
+    dated.write_text(text + "\n")
+    return dated
+
+
+def exit_status(report: dict[str, Any], error: BaseException | None) -> int:
+    """0 when every measurement ran (targets are printed, not asserted)."""
+    if error is None:
+        return 0
+    if isinstance(error, KeyboardInterrupt):
+        return 130
+    print(f"error: {report['error']}", file=sys.stderr)
+    return 1

@@ -17,7 +17,7 @@ import asyncpg
 
 from core.errors import Forbidden, Invalid, NotFound, Unauthorized
 from core.ids import new_id
-from core.models import Model, Request, Timestamp
+from core.models import Model, Name, Request, Timestamp
 from core.pagination import Keyset, Order, page_of
 
 TOKEN_PREFIX = "fry_"
@@ -78,7 +78,7 @@ def new_secret() -> str:
 
 
 class TokenCreate(Request):
-    name: str
+    name: Name
     role: Role
     project: str | None = None
     expires_at: datetime | None = None
@@ -164,6 +164,14 @@ async def list_tokens(
         query.where("project_id = {}", project)
     rows = await conn.fetch(f"SELECT * FROM tokens {query.tail(cursor, order, limit)}", *query.args)
     return page_of(rows, limit, _token)
+
+
+async def current_token(conn: asyncpg.Pool, by: Principal) -> Token:
+    """The caller's own token: its role and project, so a client can show only what it may do."""
+    row = await conn.fetchrow("SELECT * FROM tokens WHERE id = $1", by.token_id)
+    if row is None:  # revoked since the principal was cached
+        raise Unauthorized("invalid or expired token")
+    return _token(row)
 
 
 async def delete_token(conn: asyncpg.Pool, by: Principal, token_id: str) -> None:

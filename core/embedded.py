@@ -45,6 +45,19 @@ class EmbeddedPostgres:
             self._server.psql(f"CREATE DATABASE {DATABASE_NAME};")  # type: ignore[attr-defined]
         return self._server.get_uri(DATABASE_NAME)  # type: ignore[attr-defined]
 
+    def alive(self) -> bool:
+        info = getattr(self._server, "_postmaster_info", None)
+        return info is not None and info.is_running()
+
+    def restart(self) -> str:
+        """Start the server again after it died (a crash, `kill -9`): PostgreSQL recovers
+        from its write-ahead log, and the DSN stays the same (the socket is in its data dir)."""
+        if self._server is None:
+            return self.start()
+        with self._server._lock:  # type: ignore[attr-defined]
+            self._server.ensure_postgres_running()  # type: ignore[attr-defined]
+        return self._server.get_uri(DATABASE_NAME)  # type: ignore[attr-defined]
+
     def stop(self) -> None:
         if self._server is not None:
             self._server.cleanup()  # type: ignore[attr-defined]
@@ -107,6 +120,19 @@ class EmbeddedRedis:
             time.sleep(0.02)
         return f"unix://{self.socket_path}"
 
+    @property
+    def pid(self) -> int | None:
+        return self._process.pid if self._process is not None else None
+
+    def alive(self) -> bool:
+        return self._process is not None and self._process.poll() is None
+
+    def restart(self) -> str:
+        """Start the server again after it died: it reloads its append-only file, so only
+        the last second of writes may be missing (the reconciler queues those again)."""
+        self.stop()
+        return self.start()
+
     def stop(self, timeout_s: float = 10.0) -> None:
         if self._process is None:
             return
@@ -143,6 +169,15 @@ class EmbeddedStack:
             self.redis = EmbeddedRedis(self.data_dir / "redis")
             redis_url = self.redis.start()
         return database_url, redis_url
+
+    def servers(self) -> list[tuple[str, EmbeddedPostgres | EmbeddedRedis]]:
+        """The servers this stack started, by name, for `ferry up` to watch."""
+        named: list[tuple[str, EmbeddedPostgres | EmbeddedRedis]] = []
+        if self.postgres:
+            named.append(("PostgreSQL", self.postgres))
+        if self.redis:
+            named.append(("Redis", self.redis))
+        return named
 
     def stop(self) -> None:
         # Redis first: it holds nothing PostgreSQL does not, and stops in milliseconds.

@@ -19,6 +19,13 @@ class FerryError(Exception):
         self.message = message
         self.details = details or []
 
+    def describe(self) -> str:
+        """One line for a log or a status: the message, led by the field it concerns."""
+        field = self.details[0].get("field") if self.details else None
+        if field and not self.message.startswith(str(field)):
+            return f"{field}: {self.message}"
+        return self.message
+
     def to_json(self) -> dict[str, Any]:
         return {"error": {"code": self.code, "message": self.message, "details": self.details}}
 
@@ -57,6 +64,11 @@ class InvalidTransition(Conflict):
 class TooLarge(FerryError):
     status = 413
     code = "too_large"
+
+
+class UnsupportedMediaType(FerryError):
+    status = 415
+    code = "unsupported_media_type"
 
 
 class Invalid(FerryError):

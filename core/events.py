@@ -21,6 +21,11 @@ SERVICE_LOGS_MAXLEN = 50_000
 SERVICE_LOGS_TTL_S = 7 * 24 * 3600
 
 
+def log_stream_key(execution_id: str) -> str:
+    """An execution's live log lines (the worker's log sink writes, followers read)."""
+    return f"ferry:logs:{execution_id}"
+
+
 def service_logs_key(service_id: str) -> str:
     return f"ferry:service-logs:{service_id}"
 
@@ -77,15 +82,3 @@ async def publish(
         approximate=True,
     )
     return event_id.decode() if isinstance(event_id, bytes) else event_id
-
-
-def execution_event_data(row: Any) -> dict[str, Any]:
-    """The part of an execution row an event carries (no input/output: they may be large)."""
-    return {
-        "service": row["service_id"],
-        "function": row["function"],
-        "status": row["status"],
-        "reason": row["reason"],
-        "attempt": row["attempt"],
-        "trigger": row["trigger_id"],
-    }

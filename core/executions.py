@@ -6,27 +6,56 @@ The worker-side transitions live in `core.states`.
 from __future__ import annotations
 
 import json
+import logging
+from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+from typing import Any, Literal
 
 import asyncpg
 from arq.connections import ArqRedis
 from pydantic import Field
 
-from core import events, queue, states
+from core import execution_counts, outbox, outcomes, queue
 from core.auth import Principal, Role, fetch_visible
-from core.errors import FerryError, Invalid, InvalidTransition
+from core.errors import Invalid, InvalidTransition
 from core.ids import new_id
 from core.manifest import find_function, validate_inputs
 from core.models import Model, Request, Timestamp, status_entry
+from core.outages import UNAVAILABLE, Outage
 from core.packages import load_manifest
 from core.pagination import Keyset, Order, page_of
 from core.states import ExecutionStatus, Reason
 
-log_prefix = "executions"
+log = logging.getLogger(__name__)
+# One per process: an outage is logged once, not once per accepted execution.
+_enqueueing = Outage("queueing executions (left to the reconciler meanwhile)", log)
+
+
+@dataclass(frozen=True)
+class Origin:
+    """Why an execution exists: asked for (`manual`), a trigger's tick or event, a rerun of
+    another execution, or a node of a pipeline execution (one per upstream result and
+    fan-out element: `parent`, `element`, `path`, in the pipeline's resume `round`)."""
+
+    kind: Literal["manual", "trigger", "rerun", "pipeline"] = "manual"
+    trigger_id: str | None = None
+    fire_time: datetime | None = None
+    event_id: str | None = None
+    rerun_of: str | None = None
+    pipeline_execution_id: str | None = None
+    node: str | None = None
+    parent: str | None = None
+    element: int = 0
+    path: tuple[int, ...] = ()
+    round: int = 0
+
+
+MANUAL = Origin()
 
 
 class ExecutionCreate(Request):
+    body_kind = "input"
+
     service: str
     function: str
     input: dict[str, Any] = Field(default_factory=dict)
@@ -36,6 +65,8 @@ class ExecutionCreate(Request):
 
 
 class ExecutionBatch(Request):
+    body_kind = "batch"
+
     executions: list[ExecutionCreate] = Field(min_length=1)
 
 
@@ -77,9 +108,11 @@ class Execution(Model):
     duration_ms: int | None
     trigger: str | None
     pipeline_execution: str | None
+    pipeline_node: str | None = None
     rerun_of: str | None
     idempotency_key: str | None
     status_log: list[StatusLogEntry]
+    trigger_fire_time: Timestamp | None = None  # the cron tick it was fired for
 
 
 class LogLine(Model):
@@ -121,23 +154,32 @@ def execution_from_row(row: asyncpg.Record) -> Execution:
         duration_ms=duration,
         trigger=row["trigger_id"],
         pipeline_execution=row["pipeline_execution_id"],
+        pipeline_node=row["pipeline_node"],
         rerun_of=row["rerun_of"],
         idempotency_key=row["idempotency_key"],
         status_log=row["status_log"],
+        trigger_fire_time=row["trigger_fire_time"],
     )
 
 
-_INSERT = """
-    INSERT INTO executions (id, project_id, service_id, function, input, max_attempts, timeout_s,
-                            idempotency_key, trigger_id, trigger_fire_time, event_id, rerun_of,
-                            status_log)
-    SELECT id, project, service, function, input, max_attempts, timeout_s, key, trigger,
-           fire_time, event, rerun_of, status_log::jsonb
-    FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::jsonb[], $6::int[],
-                $7::int[], $8::text[], $9::text[], $10::timestamptz[], $11::text[],
-                $12::text[], $13::text[])
-         AS t(id, project, service, function, input, max_attempts, timeout_s, key, trigger,
-              fire_time, event, rerun_of, status_log)
+_COLUMNS = (
+    "id", "project_id", "service_id", "function", "input", "max_attempts", "timeout_s",
+    "idempotency_key", "trigger_id", "trigger_fire_time", "event_id", "rerun_of",
+    "pipeline_execution_id", "pipeline_node", "pipeline_parent", "pipeline_element",
+    "pipeline_path", "pipeline_round", "status_log",
+)  # fmt: skip
+_TYPES = (
+    "text", "text", "text", "text", "jsonb", "int", "int", "text", "text", "timestamptz", "text",
+    "text", "text", "text", "text", "int", "text", "int", "text",
+)  # fmt: skip
+# One statement for any number of executions: a fan-out of thousands is one round trip.
+# (pipeline_path and status_log travel as text: an array of arrays would not unnest.)
+_INSERT = f"""
+    INSERT INTO executions ({", ".join(_COLUMNS)})
+    SELECT {", ".join(f"c{i}" for i in range(len(_COLUMNS) - 3))},
+           c16::int[], c17, c18::jsonb
+    FROM unnest({", ".join(f"${i + 1}::{t}[]" for i, t in enumerate(_TYPES))})
+         AS t({", ".join(f"c{i}" for i in range(len(_COLUMNS)))})
     ON CONFLICT DO NOTHING
     RETURNING *
 """
@@ -177,59 +219,62 @@ async def create_executions(
     bodies: list[ExecutionCreate],
     *,
     batch: bool = False,
-    trigger_id: str | None = None,
-    fire_time: datetime | None = None,
-    event_id: str | None = None,
-    rerun_of: str | None = None,
+    origin: Origin | list[Origin] = MANUAL,
     conn: asyncpg.Connection | None = None,
+    events: list[outbox.OutboxEvent] | None = None,
 ) -> list[tuple[Execution, bool]]:
-    """Validate, insert in one transaction, commit, then enqueue.
+    """Validate, insert in one transaction (with their `execution.created` events in the
+    outbox), commit, then publish the events and enqueue.
 
     Returns (execution, created) per body in order; `created` is False where an
-    idempotency key matched an earlier execution. All-or-nothing: one invalid body rejects
-    the batch, with each detail naming `executions[i].…`.
+    idempotency key (or a trigger's tick, or a pipeline's hop) matched an earlier execution.
+    All-or-nothing: one invalid body rejects the batch, with each detail naming
+    `executions[i].…`. `origin` is one for all bodies or one per body.
+
+    With `conn`, the caller's transaction holds the inserts: the caller publishes `events`
+    (extended here) and enqueues after its commit, with `deliver_created`.
     """
+    origins = origin if isinstance(origin, list) else [origin] * len(bodies)
     if conn is None:
-        async with pool.acquire() as own, own.transaction():
-            results = await _insert(
-                own, by, bodies, batch, trigger_id, fire_time, event_id, rerun_of
-            )
-    else:  # the caller's transaction (a trigger firing): it enqueues after its commit
-        results = await _insert(conn, by, bodies, batch, trigger_id, fire_time, event_id, rerun_of)
-    if redis is not None and conn is None:
-        await enqueue_created(redis, [e for e, created in results if created])
-    return results
+        written: list[outbox.OutboxEvent] = []
+        async with pool.acquire() as own:
+            async with own.transaction():
+                results = await _insert(own, by, bodies, batch, origins, written)
+            if redis is not None:
+                await deliver_created(own, redis, [e for e, created in results if created], written)
+        return results
+    return await _insert(conn, by, bodies, batch, origins, events if events is not None else [])
+
+
+async def deliver_created(
+    conn: asyncpg.Connection | asyncpg.Pool,
+    redis: ArqRedis,
+    executions: list[Execution],
+    events: list[outbox.OutboxEvent],
+) -> None:
+    """After the commit: publish the `execution.created` events, then queue the executions
+    (so `created` precedes `in-progress` in the stream). If Redis is down, the outbox relay
+    publishes and the reconciler queues them later: committed is accepted, never lost.
+    The outbox rows go last: the queue does not wait for that round trip."""
+    appended = await outbox.append(redis, events)
+    await enqueue_created(redis, executions)
+    if appended:
+        await outbox.forget(conn, events)
 
 
 async def enqueue_created(redis: ArqRedis, executions: list[Execution]) -> None:
-    """Queue freshly committed executions; if Redis is down, the reconciler queues them later."""
-    by_service: dict[str, list[Execution]] = {}
+    if _enqueueing.holding_off():
+        return  # Redis failed a moment ago: the reconciler queues these within seconds
+    by_service: dict[str, list[str]] = {}
     for execution in executions:
-        by_service.setdefault(execution.service, []).append(execution)
+        by_service.setdefault(execution.service, []).append(execution.id)
     try:
-        for service_id, batch in by_service.items():
-            # One round trip per service: the jobs and their `execution.created` events.
-            await queue.enqueue_executions(
-                redis,
-                service_id,
-                [e.id for e in batch],
-                [(e.project, created_event_data(e)) for e in batch],
-            )
-    except (OSError, ConnectionError, TimeoutError) as exc:  # committed is accepted: not lost
-        import logging
-
-        logging.getLogger(__name__).warning("enqueue deferred to the reconciler: %s", exc)
-
-
-def created_event_data(execution: Execution) -> dict[str, Any]:
-    return {
-        "service": execution.service,
-        "function": execution.function,
-        "status": execution.status.value,
-        "reason": None,
-        "attempt": execution.attempt,
-        "trigger": execution.trigger,
-    }
+        for service_id, ids in by_service.items():
+            await queue.enqueue_executions(redis, service_id, ids)  # one round trip per service
+    except UNAVAILABLE as exc:
+        _enqueueing.lost(exc)
+    else:
+        _enqueueing.ok()
 
 
 async def _insert(
@@ -237,15 +282,13 @@ async def _insert(
     by: Principal | None,
     bodies: list[ExecutionCreate],
     batch: bool,
-    trigger_id: str | None,
-    fire_time: datetime | None,
-    event_id: str | None,
-    rerun_of: str | None,
+    origins: list[Origin],
+    events: list[outbox.OutboxEvent],
 ) -> list[tuple[Execution, bool]]:
     services: dict[str, asyncpg.Record] = {}
     details: list[dict[str, Any]] = []
-    columns: list[list[Any]] = [[] for _ in range(13)]
-    for index, body in enumerate(bodies):
+    columns: list[list[Any]] = [[] for _ in _COLUMNS]
+    for index, (body, origin) in enumerate(zip(bodies, origins, strict=True)):
         field = f"executions[{index}]." if batch else ""
         try:
             service, full_input, function_timeout_s = await _prepare(
@@ -254,8 +297,6 @@ async def _insert(
         except Invalid as exc:
             details.extend(exc.details)
             continue
-        except FerryError:
-            raise
         row = [
             new_id(),
             service["project_id"],
@@ -266,11 +307,17 @@ async def _insert(
             # The request's timeout, else the function's (manifest), else the service's.
             body.timeout_s or function_timeout_s or service["execution_timeout_s"],
             body.idempotency_key,
-            trigger_id,
-            fire_time,
-            event_id,
-            rerun_of,
-            json.dumps([status_entry("created")]),  # text: a list would read as a 2-D array
+            origin.trigger_id,
+            origin.fire_time,
+            origin.event_id,
+            origin.rerun_of,
+            origin.pipeline_execution_id,
+            origin.node,
+            origin.parent,
+            origin.element,
+            "{" + ",".join(map(str, origin.path)) + "}" if origin.node else None,
+            origin.round,
+            json.dumps([status_entry("created")]),
         ]
         for column, value in zip(columns, row, strict=True):
             column.append(value)
@@ -279,23 +326,40 @@ async def _insert(
     inserted = {r["id"]: r for r in await conn.fetch(_INSERT, *columns)}
     results: list[tuple[Execution, bool]] = []
     for index, execution_id in enumerate(columns[0]):
-        row = inserted.get(execution_id)
-        if row is not None:
-            results.append((execution_from_row(row), True))
+        found = inserted.get(execution_id)
+        if found is not None:
+            results.append((execution_from_row(found), True))
             continue
         # Not inserted: an idempotency key (or trigger tick) matched an existing execution.
+        origin = origins[index]
         existing = await conn.fetchrow(
             """SELECT * FROM executions WHERE (project_id = $1 AND idempotency_key = $2)
-                  OR (trigger_id = $3 AND (trigger_fire_time = $4 OR event_id = $5))""",
+                  OR (trigger_id = $3 AND (trigger_fire_time = $4 OR event_id = $5))
+                  OR (pipeline_execution_id = $6 AND pipeline_node = $7 AND pipeline_round = $8
+                      AND coalesce(pipeline_parent, '') = coalesce($9, '')
+                      AND pipeline_element = $10)""",
             columns[1][index],
             columns[7][index],
-            trigger_id,
-            fire_time,
-            event_id,
+            origin.trigger_id,
+            origin.fire_time,
+            origin.event_id,
+            origin.pipeline_execution_id,
+            origin.node,
+            origin.round,
+            origin.parent,
+            origin.element,
         )
         if existing is None:
             raise Invalid.field("idempotency_key", "conflicts with an execution being created")
         results.append((execution_from_row(existing), False))
+    events.extend(
+        await outbox.add_many(
+            conn,
+            "execution.created",
+            "execution",
+            [(r["project_id"], r["id"], outbox.execution_data(r)) for r in inserted.values()],
+        )
+    )
     return results
 
 
@@ -336,34 +400,40 @@ async def list_executions(
         if unknown:
             allowed = ", ".join(s.value for s in ExecutionStatus)
             raise Invalid.field("status", f"unknown status {unknown[0]!r}; one of {allowed}")
+        statuses = list(dict.fromkeys(statuses))
         if len(statuses) == 1:  # `=` lets PostgreSQL walk the (…, status, created_at, id) index
             query.where("status = {}", statuses[0])
-        else:
-            query.where("status = ANY({}::text[])", statuses)
+    else:
+        statuses = []
     if filters.get("created_after") is not None:
         query.where("created_at > {}", filters["created_after"])
     if filters.get("created_before") is not None:
         query.where("created_at < {}", filters["created_before"])
-    rows = await pool.fetch(
-        f"SELECT * FROM executions {query.tail(cursor, order, limit)}", *query.args
-    )
+    if len(statuses) > 1:
+        # One ordered index walk per status, merged (a Merge Append, no sort): `status =
+        # ANY(…)` would walk the project's (or the table's) whole (created_at, id) order
+        # when those statuses are rare.
+        marks = [query.param(status) for status in statuses]
+        where, _, ordered = query.tail(cursor, order, limit).partition(" ORDER BY ")
+        branches = [
+            f"(SELECT * FROM executions {where} AND status = {mark} ORDER BY {ordered})"
+            for mark in marks
+        ]
+        sql = " UNION ALL ".join(branches) + f" ORDER BY {ordered}"
+    else:
+        sql = f"SELECT * FROM executions {query.tail(cursor, order, limit)}"
+    rows = await pool.fetch(sql, *query.args)
     return page_of(rows, limit, execution_from_row)
 
 
 async def counters(
     pool: asyncpg.Pool, by: Principal, *, project: str | None, service: str | None
 ) -> Counters:
-    query = Keyset()
-    project = by.project_filter(project)
-    if project is not None:
-        query.where("project_id = {}", project)
-    if service is not None:
-        query.where("service_id = {}", service)
-    where = " AND ".join(query.conditions) or "true"
-    rows = await pool.fetch(
-        f"SELECT status, count(*) AS n FROM executions WHERE {where} GROUP BY status", *query.args
+    # Kept by the table itself (core/execution_counts.py): a few rows whatever its size.
+    by_status = await execution_counts.read(
+        pool, project=by.project_filter(project), service=service
     )
-    counts = {r["status"].replace("-", "_"): r["n"] for r in rows}
+    counts = {status.replace("-", "_"): n for status, n in by_status.items()}
     return Counters(**counts, total=sum(counts.values()))
 
 
@@ -372,34 +442,23 @@ async def terminate(
 ) -> Execution:
     row = await fetch_execution(pool, by, execution_id)
     by.require(Role.developer, row["project_id"])
-    updated = await states.terminate_created(pool, execution_id)
-    if updated is None:
-        updated = await states.request_termination(pool, execution_id)
-        if updated is not None and updated["status"] == ExecutionStatus.in_progress:
-            # The worker holding it hears this at once; its heartbeat would find it anyway.
-            await redis.publish(events.TERMINATE_CHANNEL, execution_id)
-    if updated is None:
+    async with pool.acquire() as conn:
+        recorded = await outcomes.terminate(conn, row)
+        await recorded.deliver(conn, redis)
+    if recorded.row is None:
         current = await fetch_execution(pool, by, execution_id)
         raise InvalidTransition(
             f"the execution is {current['status']} already: nothing to terminate"
         )
-    if updated["status"] == ExecutionStatus.terminated:
-        # Terminated here and now; a running one is reported by its worker when it stops.
-        await events.publish(
-            redis,
-            "execution.terminated",
-            updated["project_id"],
-            "execution",
-            execution_id,
-            events.execution_event_data(updated),
-        )
-    return execution_from_row(updated)
+    return execution_from_row(recorded.row)
 
 
 async def rerun(pool: asyncpg.Pool, redis: ArqRedis, by: Principal, execution_id: str) -> Execution:
     row = await fetch_execution(pool, by, execution_id)
     body = ExecutionCreate(service=row["service_id"], function=row["function"], input=row["input"])
-    [(execution, _)] = await create_executions(pool, redis, by, [body], rerun_of=execution_id)
+    [(execution, _)] = await create_executions(
+        pool, redis, by, [body], origin=Origin("rerun", rerun_of=execution_id)
+    )
     return execution
 
 

@@ -50,3 +50,6 @@ def setup_logging(settings: Settings, process: str) -> None:
     root.setLevel(settings.log_level.upper())
     for noisy in ("aiohttp.access", "arq.worker", "arq.jobs", "docker", "urllib3", "httpx"):
         logging.getLogger(noisy).setLevel(max(logging.WARNING, root.level))
+    # A pool refilling its floor after PostgreSQL went away retries with its own backoff and a
+    # traceback each time; Ferry's loops already say once that PostgreSQL is lost and back.
+    logging.getLogger("asyncpg.pool").setLevel(max(logging.ERROR, root.level))

@@ -33,6 +33,7 @@ from pydantic import (
 from pydantic_core import PydanticCustomError
 
 from core.errors import Invalid
+from core.service_spec import NAME_PATTERN, Runtime, check_env
 
 SCALAR_TYPES = ("string", "integer", "number", "boolean", "json")
 PARAM_TYPES = frozenset((*SCALAR_TYPES, *(f"list[{t}]" for t in SCALAR_TYPES)))
@@ -180,6 +181,24 @@ class Module(_Strict):
         return "/".join(parts)
 
 
+class ServiceSection(_Strict):
+    """`service:` in ferry.yaml: how `ferry deploy` creates or updates the package's service.
+
+    Stored with the manifest; the server never acts on it. Its values are checked by the
+    same rules as the API's service bodies, so a bad one is named before anything uploads.
+    """
+
+    name: str | None = Field(default=None, pattern=NAME_PATTERN)  # default: the package's
+    module: str | None = None
+    runtime: Runtime | None = None
+    execution_timeout_s: int | None = Field(default=None, ge=1, le=7 * 86400)
+    max_attempts: int | None = Field(default=None, ge=1, le=100)
+    env: dict[str, str] = {}
+    init_inputs: dict[str, Any] = {}
+
+    _env = field_validator("env")(check_env)
+
+
 class Manifest(_Strict):
     """A package's definition: its name, pip requirements and modules of functions."""
 
@@ -187,6 +206,7 @@ class Manifest(_Strict):
     description: str = ""
     requirements: list[Annotated[str, AfterValidator(_check_requirement)]] = []
     modules: list[Module] = Field(min_length=1)
+    service: ServiceSection | None = None
 
     @field_validator("name")
     @classmethod
@@ -215,7 +235,8 @@ class Manifest(_Strict):
 
 
 _NESTED: dict[type[BaseModel], dict[str, type[BaseModel]]] = {
-    Manifest: {"modules": Module},
+    Manifest: {"modules": Module, "service": ServiceSection},
+    ServiceSection: {"runtime": Runtime},
     Module: {"init_inputs": Param, "functions": FunctionSpec},
     FunctionSpec: {"inputs": Param, "outputs": Param},
 }

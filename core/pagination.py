@@ -10,6 +10,7 @@ from typing import Any, Generic, Literal, TypeVar
 from pydantic import BaseModel
 
 from core.errors import Invalid
+from core.models import within_storable_range
 
 T = TypeVar("T")
 
@@ -30,8 +31,11 @@ def decode_cursor(cursor: str) -> tuple[datetime, str]:
     try:
         padded = cursor + "=" * (-len(cursor) % 4)
         created_at, row_id = json.loads(base64.urlsafe_b64decode(padded))
-        return datetime.fromisoformat(created_at), str(row_id)
-    except (ValueError, TypeError) as exc:
+        if not isinstance(row_id, str) or "\x00" in row_id:
+            raise ValueError("not an id")
+        # A forged time could still break the query or the page built from its rows.
+        return within_storable_range(datetime.fromisoformat(created_at)), row_id
+    except (ValueError, TypeError, RecursionError) as exc:
         raise Invalid.field("cursor", "not a cursor this server issued") from exc
 
 

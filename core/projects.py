@@ -8,7 +8,7 @@ from pydantic import Field
 from core.auth import Principal, Role
 from core.errors import Conflict, Forbidden, NotFound
 from core.ids import new_id
-from core.models import Model, Request, Timestamp
+from core.models import Description, Model, Request, Timestamp
 from core.pagination import Keyset, Order, page_of
 
 NAME_PATTERN = r"^[a-z0-9][a-z0-9_-]{0,62}$"
@@ -16,12 +16,12 @@ NAME_PATTERN = r"^[a-z0-9][a-z0-9_-]{0,62}$"
 
 class ProjectCreate(Request):
     name: str = Field(pattern=NAME_PATTERN)
-    description: str = ""
+    description: Description = ""
 
 
 class ProjectPatch(Request):
     name: str | None = Field(default=None, pattern=NAME_PATTERN)
-    description: str | None = None
+    description: Description | None = None
 
 
 class Project(Model):

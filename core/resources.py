@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import signal
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -12,7 +13,10 @@ import asyncpg
 from arq.connections import ArqRedis
 
 from core import db, queue
+from core.outages import UNAVAILABLE, Outage
 from core.settings import Settings
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -36,14 +40,27 @@ async def open_resources(
     settings: Settings, *, pool_size: int = 10, migrate: bool = True
 ) -> AsyncIterator[Resources]:
     dsn, redis_url = require_urls(settings)
-    if migrate:
-        conn = await db.connect(dsn)
+    outage = Outage("starting", log)
+    while True:
+        # A server that is restarting (or not up yet) is waited for, not a reason to exit:
+        # under `ferry up` a process that kept exiting would stop the whole of Ferry.
         try:
-            await db.migrate(conn)
-        finally:
-            await conn.close()
-    pool = await db.connect_pool(dsn, min_size=min(2, pool_size), max_size=pool_size)
-    redis = await queue.connect_redis(redis_url)
+            if migrate:
+                conn = await db.connect(dsn)
+                try:
+                    await db.migrate(conn)
+                finally:
+                    await conn.close()
+            pool = await db.connect_pool(dsn, min_size=min(2, pool_size), max_size=pool_size)
+            try:
+                redis = await queue.connect_redis(redis_url)
+            except BaseException:
+                await pool.close()
+                raise
+            break
+        except UNAVAILABLE as exc:
+            await asyncio.sleep(outage.lost(exc))
+    outage.ok()
     try:
         yield Resources(dsn, pool, redis)
     finally:

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import re
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import asyncpg
-from pydantic import Field, field_validator, model_validator
+from pydantic import AfterValidator, Field, field_validator
 from redis.asyncio import Redis
 
-from core import events
+from core import outbox
 from core.auth import Principal, Role, fetch_visible
 from core.errors import Conflict, Invalid, NotFound
 from core.ids import new_id
@@ -18,35 +17,32 @@ from core.models import Model, Request, Timestamp
 from core.packages import load_manifest
 from core.pagination import Keyset, Order, page_of
 from core.secrets import SecretBox
-
-NAME_PATTERN = r"^[a-z0-9][a-z0-9-]{0,62}$"
-_ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
-
-
-class Runtime(Request):
-    image: str | None = None  # None: the default runner image (plus the package's requirements)
-    cpu: float = Field(default=1.0, gt=0, le=64)
-    memory_mb: int = Field(default=512, ge=32, le=262_144)
-    concurrency: int = Field(default=4, ge=1, le=1000)
-    min_replicas: int = Field(default=0, ge=0, le=100)
-    max_replicas: int = Field(default=2, ge=0, le=100)
-    target_queue_per_replica: int = Field(default=10, ge=1, le=100_000)
-    idle_timeout_s: int = Field(default=300, ge=0, le=7 * 86400)
-    network: bool = True
-    pids_limit: int = Field(default=256, ge=16, le=65_536)
-
-    @model_validator(mode="after")
-    def _replica_bounds(self) -> Runtime:
-        if self.min_replicas > self.max_replicas:
-            raise ValueError("min_replicas must not exceed max_replicas")
-        return self
+from core.service_spec import NAME_PATTERN, Runtime
+from core.service_spec import check_env as _check_env
 
 
-def _check_env(value: dict[str, str]) -> dict[str, str]:
-    for name in value:
-        if not _ENV_NAME.match(name) or name.startswith("FERRY_"):
-            raise ValueError(f"{name!r} is not a usable environment variable name")
+def _check_env_value(value: str | None) -> str | None:
+    # An environment cannot hold a NUL: such a value would only fail later, at every start.
+    if value is not None and "\x00" in value:
+        raise ValueError("must not contain a NUL character")
     return value
+
+
+def _check_secret_value(value: str | None) -> str | None:
+    _check_env_value(value)
+    if value is not None and len(value) < MIN_SECRET_LENGTH:
+        raise ValueError(
+            f"must be at least {MIN_SECRET_LENGTH} characters: shorter values cannot be "
+            "masked in logs without masking ordinary text"
+        )
+    return value
+
+
+MIN_SECRET_LENGTH = 4  # as `core.secrets.mask_secrets`, which masks nothing shorter
+# Errors on these name the entry: `secrets.API_KEY`, `env.HOME`.
+EnvValue = Annotated[str, AfterValidator(_check_env_value)]
+SecretValue = Annotated[str, AfterValidator(_check_secret_value)]
+SecretChange = Annotated[str | None, AfterValidator(_check_secret_value)]
 
 
 class ServiceCreate(Request):
@@ -56,11 +52,16 @@ class ServiceCreate(Request):
     package_revision: int | None = None  # default: the package's latest revision
     module: str | None = None  # default: the manifest's first module
     runtime: Runtime = Field(default_factory=Runtime)
-    execution_timeout_s: int = Field(default=3600, ge=1, le=7 * 86400)
+    execution_timeout_s: int | None = Field(
+        default=None,
+        ge=1,
+        le=7 * 86400,
+        description="default: the server's FERRY_DEFAULT_EXECUTION_TIMEOUT_S (3600)",
+    )
     max_attempts: int = Field(default=3, ge=1, le=100)
     on_reset: Literal["rerun", "failed"] = "rerun"
-    env: dict[str, str] = Field(default_factory=dict)
-    secrets: dict[str, str] = Field(default_factory=dict)
+    env: dict[str, EnvValue] = Field(default_factory=dict)
+    secrets: dict[str, SecretValue] = Field(default_factory=dict)
     init_inputs: dict[str, Any] = Field(default_factory=dict)
 
     _env = field_validator("env", "secrets")(_check_env)
@@ -77,6 +78,7 @@ class RuntimePatch(Request):
     idle_timeout_s: int | None = None
     network: bool | None = None
     pids_limit: int | None = None
+    executions_per_process: int | None = None
 
 
 class ServicePatch(Request):
@@ -87,12 +89,12 @@ class ServicePatch(Request):
     execution_timeout_s: int | None = Field(default=None, ge=1, le=7 * 86400)
     max_attempts: int | None = Field(default=None, ge=1, le=100)
     on_reset: Literal["rerun", "failed"] | None = None
-    env: dict[str, str] | None = None
+    env: dict[str, EnvValue] | None = None
     # A secret set to null is removed; others are replaced or added.
-    secrets: dict[str, str | None] | None = None
+    secrets: dict[str, SecretChange] | None = None
     init_inputs: dict[str, Any] | None = None
 
-    _env = field_validator("env")(_check_env)
+    _env = field_validator("env", "secrets")(_check_env)
 
 
 class Service(Model):
@@ -130,6 +132,8 @@ class ServiceStatus(Model):
     in_progress: int
     desired_replicas: int
     replicas: list[ReplicaStatus]
+    # The latest replica of the current generation that failed to start, while none is ready.
+    last_failure: ReplicaStatus | None = None
 
 
 def service_from_row(row: asyncpg.Record) -> Service:
@@ -175,16 +179,16 @@ async def _resolve_revision(
     return revision, await load_manifest(conn, package_id, revision)
 
 
-async def _publish(redis: Redis | None, action: str, row: asyncpg.Record) -> None:
-    if redis is not None:
-        await events.publish(
-            redis,
-            f"service.{action}",
-            row["project_id"],
-            "service",
-            row["id"],
-            {"name": row["name"], "status": row["status"], "generation": row["generation"]},
-        )
+async def _event(conn: asyncpg.Connection, action: str, row: asyncpg.Record) -> outbox.OutboxEvent:
+    """The `service.<action>` event, written in the transaction that made the change."""
+    return await outbox.add(
+        conn,
+        f"service.{action}",
+        row["project_id"],
+        "service",
+        row["id"],
+        {"name": row["name"], "status": row["status"], "generation": row["generation"]},
+    )
 
 
 async def create_service(
@@ -193,7 +197,11 @@ async def create_service(
     by: Principal,
     body: ServiceCreate,
     redis: Redis | None = None,
+    *,
+    default_timeout_s: int = 3600,
 ) -> Service:
+    """Create a service; `default_timeout_s` (the FERRY_DEFAULT_EXECUTION_TIMEOUT_S setting)
+    stands in for an unset `execution_timeout_s`."""
     by.require(Role.developer, body.project)
     async with pool.acquire() as conn, conn.transaction():
         if not await conn.fetchval("SELECT 1 FROM projects WHERE id = $1", body.project):
@@ -218,7 +226,7 @@ async def create_service(
                 revision,
                 module,
                 body.runtime.model_dump(),
-                body.execution_timeout_s,
+                body.execution_timeout_s or default_timeout_s,
                 body.max_attempts,
                 body.on_reset,
                 body.env,
@@ -228,7 +236,8 @@ async def create_service(
             )
         except asyncpg.UniqueViolationError:
             raise Conflict(f"a service named {body.name!r} exists in this project") from None
-    await _publish(redis, "created", row)
+        event = await _event(conn, "created", row)
+    await outbox.publish(pool, redis, [event])
     return service_from_row(row)
 
 
@@ -267,8 +276,27 @@ async def list_services(
     return page_of(rows, limit, service_from_row)
 
 
-# Changing any of these needs new replicas: the generation moves and old replicas drain.
-_ROLLING_FIELDS = {"package_revision", "module", "runtime", "env", "secrets", "init_inputs"}
+# What a replica runs: a change of any of these needs new replicas, so the generation moves
+# and the old replicas drain. Everything else (the name, timeouts, attempts, and how many
+# replicas there are) is read where it is used and leaves running replicas alone.
+_ROLLING_COLUMNS = ("package_revision", "module", "env", "secrets", "init_inputs")
+_ROLLING_RUNTIME = (
+    "image",
+    "cpu",
+    "memory_mb",
+    "concurrency",
+    "network",
+    "pids_limit",
+    "executions_per_process",
+)
+
+
+def _rolls_over(before: asyncpg.Record, after: dict[str, Any]) -> bool:
+    """True when the change alters what the service's replicas run."""
+    if any(before[column] != after[column] for column in _ROLLING_COLUMNS):
+        return True
+    old, new = before["runtime"], after["runtime"]
+    return any(old.get(key) != new.get(key) for key in _ROLLING_RUNTIME)
 
 
 async def update_service(
@@ -298,7 +326,7 @@ async def update_service(
             field_prefix="init_inputs",
         )
         runtime = row["runtime"]
-        if "runtime" in changes:
+        if changes.get("runtime") is not None:
             merged = {**runtime, **{k: v for k, v in changes["runtime"].items()}}
             try:
                 runtime = Runtime.model_validate(merged).model_dump()
@@ -308,10 +336,21 @@ async def update_service(
         for name, value in (changes.get("secrets") or {}).items():
             if value is None:
                 secrets.pop(name, None)
-            else:
+            elif name not in secrets or box.decrypt(secrets[name]) != value:
                 _check_env({name: value})
-                secrets[name] = box.encrypt(value)
-        rolling = bool(_ROLLING_FIELDS & changes.keys())
+                secrets[name] = box.encrypt(value)  # the same value again changes nothing
+        env = changes["env"] if changes.get("env") is not None else row["env"]
+        rolling = _rolls_over(
+            row,
+            {
+                "package_revision": revision,
+                "module": module,
+                "env": env,
+                "secrets": secrets,
+                "init_inputs": init_inputs,
+                "runtime": runtime,
+            },
+        )
         try:
             updated = await conn.fetchrow(
                 """UPDATE services SET name = $2, package_revision = $3, module = $4, runtime = $5,
@@ -327,7 +366,7 @@ async def update_service(
                 changes.get("execution_timeout_s") or row["execution_timeout_s"],
                 changes.get("max_attempts") or row["max_attempts"],
                 changes.get("on_reset") or row["on_reset"],
-                changes["env"] if changes.get("env") is not None else row["env"],
+                env,
                 secrets,
                 init_inputs,
                 1 if rolling else 0,
@@ -336,12 +375,13 @@ async def update_service(
             raise Conflict(
                 f"a service named {changes.get('name')!r} exists in this project"
             ) from None
-    await _publish(redis, "updated", updated)
+        event = await _event(conn, "updated", updated)
+    await outbox.publish(pool, redis, [event])
     return service_from_row(updated)
 
 
 def _as_invalid(exc: Exception, prefix: str) -> Invalid:
-    errors = getattr(exc, "errors", lambda: [])()
+    errors: list[dict[str, Any]] = getattr(exc, "errors", lambda: [])()
     details = [
         {
             "field": ".".join([prefix, *[str(p) for p in e.get("loc", ())]]),
@@ -361,15 +401,17 @@ async def set_service_status(
 ) -> Service:
     row = await fetch_service(pool, by, service_id)
     by.require(Role.developer, row["project_id"])
-    updated = await pool.fetchrow(
-        """UPDATE services SET status = $2, updated_at = now(), last_activity_at = now()
-           WHERE id = $1 RETURNING *""",
-        service_id,
-        status,
-    )
-    if updated is None:
-        raise NotFound("service not found")
-    await _publish(redis, "paused" if status == "paused" else "resumed", updated)
+    async with pool.acquire() as conn, conn.transaction():
+        updated = await conn.fetchrow(
+            """UPDATE services SET status = $2, updated_at = now(), last_activity_at = now()
+               WHERE id = $1 RETURNING *""",
+            service_id,
+            status,
+        )
+        if updated is None:
+            raise NotFound("service not found")
+        event = await _event(conn, "paused" if status == "paused" else "resumed", updated)
+    await outbox.publish(pool, redis, [event])
     return service_from_row(updated)
 
 
@@ -378,6 +420,22 @@ async def delete_service(
 ) -> None:
     row = await fetch_service(pool, by, service_id)
     by.require(Role.owner, row["project_id"])
-    deleted = await pool.fetchrow("DELETE FROM services WHERE id = $1 RETURNING *", service_id)
-    if deleted is not None:
-        await _publish(redis, "deleted", deleted)
+    async with pool.acquire() as conn, conn.transaction():
+        # Locked first: a pipeline being created with this service holds it FOR SHARE, so
+        # either that pipeline is seen below or its own check finds the service gone.
+        await conn.execute("SELECT 1 FROM services WHERE id = $1 FOR UPDATE", service_id)
+        user = await conn.fetchrow(
+            """SELECT p.id, p.name FROM pipeline_services s JOIN pipelines p ON p.id = s.pipeline_id
+               WHERE s.service_id = $1 ORDER BY p.name LIMIT 1""",
+            service_id,
+        )
+        if user is not None:
+            raise Conflict(
+                f"pipeline {user['name']!r} ({user['id']}) uses this service in one of its "
+                "versions; delete the pipeline first",
+                [{"field": "id", "message": f"used by pipeline {user['name']!r}"}],
+            )
+        deleted = await conn.fetchrow("DELETE FROM services WHERE id = $1 RETURNING *", service_id)
+        event = await _event(conn, "deleted", deleted) if deleted is not None else None
+    if event is not None:
+        await outbox.publish(pool, redis, [event])

@@ -1,7 +1,9 @@
-"""Triggers: cron and event triggers that create executions of a service's function.
+"""Triggers: cron and event triggers that create executions of a service's function, or
+pipeline executions of a pipeline.
 
 The store (create, read, list, update, delete) and the cron arithmetic both the API
-(`/triggers/{id}/next`) and the scheduler use. Firing lives in `scheduler/cron.py` and
+(`/triggers/{id}/next`) and the scheduler use. What a trigger runs, and its check, is
+`core/trigger_operations.py`; firing lives in `scheduler/cron.py` and
 `scheduler/event_triggers.py`.
 """
 
@@ -22,14 +24,19 @@ from core.auth import Principal, Role, fetch_visible
 from core.errors import Conflict, Invalid, NotFound
 from core.events import EVENTS_STREAM
 from core.ids import new_id
-from core.manifest import find_function, validate_inputs
 from core.models import Model, Request, Timestamp, utcnow
-from core.packages import load_manifest
 from core.pagination import Keyset, Order, page_of
+from core.trigger_operations import Operation, check_operation, parse_operation
 
 NAME_PATTERN = r"^[a-z0-9][a-z0-9-]{0,62}$"
-EVENT_INPUT = "event"  # the input an event trigger's function receives the event under
 EVENTS_GROUP = "ferry-triggers"  # the schedulers' consumer group on the events stream
+# NOTIFYed in the transaction of every change to an event trigger: the schedulers keep the
+# (project, resource) pairs event triggers listen to in memory (scheduler/event_triggers.py).
+TRIGGERS_CHANNEL = "ferry_event_triggers_changed"
+
+
+async def _notify_change(conn: asyncpg.Connection) -> None:
+    await conn.execute("SELECT pg_notify($1, '')", TRIGGERS_CHANNEL)
 
 
 async def ensure_events_group(redis: Redis) -> None:
@@ -39,16 +46,6 @@ async def ensure_events_group(redis: Redis) -> None:
     except ResponseError as exc:
         if "BUSYGROUP" not in str(exc):
             raise
-
-
-class FunctionOperation(Request):
-    type: Literal["function"]
-    service: str
-    function: str
-
-
-# A tagged union on `type`: pipelines join it as another member.
-Operation = Annotated[FunctionOperation, Field(discriminator="type")]
 
 
 class CronSpec(Request):
@@ -80,6 +77,8 @@ SpecBody = Annotated[
 
 
 class TriggerCreate(Request):
+    body_kind = "input"
+
     project: str
     name: str = Field(pattern=NAME_PATTERN)
     type: Literal["cron", "event"]
@@ -90,6 +89,8 @@ class TriggerCreate(Request):
 
 
 class TriggerPatch(Request):
+    body_kind = "input"
+
     name: str | None = Field(default=None, pattern=NAME_PATTERN)
     active: bool | None = None
     input: dict[str, Any] | None = None
@@ -127,7 +128,7 @@ def trigger_from_row(row: asyncpg.Record) -> Trigger:
         type=row["type"],
         active=row["active"],
         input=row["input"],
-        operation=FunctionOperation.model_validate(row["operation"]),
+        operation=parse_operation(row["operation"]),
         spec=spec_model.model_validate(row["spec"]),
         status=row["status"],
         last_error=row["last_error"],
@@ -141,12 +142,27 @@ def trigger_from_row(row: asyncpg.Record) -> Trigger:
 # Cron arithmetic ------------------------------------------------------------------------
 
 
+# Parsing an expression costs far more than a step, and thousands of triggers share a few
+# expressions: one iterator per (expression, zone), moved to each start. Callers step it
+# without awaiting in between, so sharing it in one event loop is safe.
+_ITERATORS: dict[tuple[str, str], croniter] = {}
+_ITERATORS_MAX = 4096
+
+
 def _cron(spec: CronSpec, start: datetime) -> croniter:
+    key = (spec.cron, spec.timezone)
+    local = start.astimezone(ZoneInfo(spec.timezone))
+    iterator = _ITERATORS.get(key)
+    if iterator is not None:
+        iterator.set_current(local, force=True)
+        return iterator
     # Six fields means seconds first (the Quartz/Spring habit); croniter puts them last.
     seconds = len(spec.cron.split()) == 6
-    return croniter(
-        spec.cron, start.astimezone(ZoneInfo(spec.timezone)), second_at_beginning=seconds
-    )
+    iterator = croniter(spec.cron, local, second_at_beginning=seconds)
+    if len(_ITERATORS) >= _ITERATORS_MAX:
+        _ITERATORS.pop(next(iter(_ITERATORS)))
+    _ITERATORS[key] = iterator
+    return iterator
 
 
 def next_fire_time(spec: CronSpec, after: datetime) -> datetime | None:
@@ -214,8 +230,12 @@ def parse_spec(type_: str, raw: dict[str, Any]) -> CronSpec | EventSpec:
         raise Invalid.field("spec.cron", "not a cron expression of 5 fields (or 6, seconds first)")
     try:
         ZoneInfo(spec.timezone)
-    except (ZoneInfoNotFoundError, ValueError):
+    except (ZoneInfoNotFoundError, ValueError, OSError):  # OSError: a name too long for a path
         raise Invalid.field("spec.timezone", "not an IANA time zone name") from None
+    try:
+        _cron(spec, utcnow()).get_next(datetime)
+    except (ValueError, OverflowError):  # croniter's errors are ValueErrors
+        raise Invalid.field("spec.cron", "never fires: no date matches it") from None
     for name in ("start_at", "end_at"):
         value = getattr(spec, name)
         if value is not None and value.tzinfo is None:
@@ -225,65 +245,41 @@ def parse_spec(type_: str, raw: dict[str, Any]) -> CronSpec | EventSpec:
     return spec
 
 
-async def _check_operation(
-    conn: asyncpg.Connection,
-    project_id: str,
-    type_: str,
-    operation: FunctionOperation,
-    given_input: dict[str, Any],
-) -> None:
-    service = await conn.fetchrow(
-        "SELECT project_id, package_id, package_revision, module FROM services WHERE id = $1",
-        operation.service,
-    )
-    if service is None or service["project_id"] != project_id:
-        raise Invalid.field("operation.service", "no such service in this project")
-    manifest = await load_manifest(conn, service["package_id"], service["package_revision"])
-    function = find_function(
-        manifest, service["module"], operation.function, field="operation.function"
-    )
-    if type_ == "event":
-        if not any(param.name == EVENT_INPUT for param in function.inputs):
-            raise Invalid.field(
-                "operation.function",
-                f"an event trigger's function needs an input named {EVENT_INPUT!r} (type json)",
-            )
-        if EVENT_INPUT in given_input:
-            raise Invalid.field(f"input.{EVENT_INPUT}", "set by each event; leave it out")
-        given_input = {**given_input, EVENT_INPUT: {}}
-    validate_inputs(function, given_input, field_prefix="input")
-
-
 # Store ----------------------------------------------------------------------------------
 
 
 async def create_trigger(pool: asyncpg.Pool, by: Principal, body: TriggerCreate) -> Trigger:
+    """Create a trigger; one for a pipeline that is not installed is stored inactive (its
+    install activates it)."""
     by.require(Role.developer, body.project)
     spec = parse_spec(body.type, body.spec)
     next_fire_at = next_fire_time(spec, utcnow()) if isinstance(spec, CronSpec) else None
     async with pool.acquire() as conn, conn.transaction():
         if not await conn.fetchval("SELECT 1 FROM projects WHERE id = $1", body.project):
             raise NotFound("project not found")
-        await _check_operation(conn, body.project, body.type, body.operation, body.input)
+        target = await check_operation(conn, body.project, body.type, body.operation, body.input)
         try:
             row = await conn.fetchrow(
                 """INSERT INTO triggers (id, project_id, name, type, active, input, operation,
-                       service_id, spec, next_fire_at, status)
-                   VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11) RETURNING *""",
+                       service_id, pipeline_id, spec, next_fire_at, status)
+                   VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12) RETURNING *""",
                 new_id(),
                 body.project,
                 body.name,
                 body.type,
-                body.active,
+                body.active and target.runnable,
                 body.input,
-                body.operation.model_dump(),
-                body.operation.service,
+                target.operation,
+                target.service_id,
+                target.pipeline_id,
                 spec.model_dump(mode="json"),
                 next_fire_at,
                 "finished" if body.type == "cron" and next_fire_at is None else "ok",
             )
         except asyncpg.UniqueViolationError:
             raise Conflict(f"a trigger named {body.name!r} exists in this project") from None
+        if body.type == "event":
+            await _notify_change(conn)
     return trigger_from_row(row)
 
 
@@ -316,6 +312,8 @@ async def list_triggers(
         query.where("active = {}", filters["active"])
     if filters.get("service") is not None:
         query.where("service_id = {}", filters["service"])
+    if filters.get("pipeline") is not None:
+        query.where("pipeline_id = {}", filters["pipeline"])
     rows = await pool.fetch(
         f"SELECT * FROM triggers {query.tail(cursor, order, limit)}", *query.args
     )
@@ -334,12 +332,20 @@ async def update_trigger(
         active = row["active"] if changes.get("active") is None else changes["active"]
         input_ = row["input"] if changes.get("input") is None else changes["input"]
         operation = (
-            body.operation
-            if body.operation is not None
-            else FunctionOperation.model_validate(row["operation"])
+            body.operation if body.operation is not None else parse_operation(row["operation"])
         )
         spec = parse_spec(row["type"], row["spec"] if body.spec is None else body.spec)
-        await _check_operation(conn, row["project_id"], row["type"], operation, input_)
+        target = await check_operation(
+            conn, row["project_id"], row["type"], operation, input_, holding_trigger=True
+        )
+        if not target.runnable:
+            if changes.get("active"):
+                raise Conflict(
+                    f"pipeline {target.pipeline_name} is not installed: installing it "
+                    "activates its triggers",
+                    [{"field": "active", "message": "the pipeline is not installed"}],
+                )
+            active = False
         next_fire_at, status = row["next_fire_at"], row["status"]
         if isinstance(spec, CronSpec) and (body.spec is not None or (active and not row["active"])):
             # A new schedule, or a resumed one, starts from now: no catch-up for a pause.
@@ -348,22 +354,25 @@ async def update_trigger(
         try:
             updated = await conn.fetchrow(
                 """UPDATE triggers SET name = $2, active = $3, input = $4, operation = $5,
-                       service_id = $6, spec = $7, next_fire_at = $8, status = $9,
-                       last_error = CASE WHEN $9 = status THEN last_error END,
+                       service_id = $6, pipeline_id = $7, spec = $8, next_fire_at = $9,
+                       status = $10, last_error = CASE WHEN $10 = status THEN last_error END,
                        updated_at = now()
                    WHERE id = $1 RETURNING *""",
                 trigger_id,
                 changes.get("name") or row["name"],
                 active,
                 input_,
-                operation.model_dump(),
-                operation.service,
+                target.operation,
+                target.service_id,
+                target.pipeline_id,
                 spec.model_dump(mode="json"),
                 next_fire_at,
                 status,
             )
         except asyncpg.UniqueViolationError:
             raise Conflict(f"a trigger named {changes.get('name')!r} exists") from None
+        if row["type"] == "event":
+            await _notify_change(conn)
     return trigger_from_row(updated)
 
 
@@ -374,7 +383,12 @@ async def set_active(pool: asyncpg.Pool, by: Principal, trigger_id: str, active:
 async def delete_trigger(pool: asyncpg.Pool, by: Principal, trigger_id: str) -> None:
     row = await fetch_trigger(pool, by, trigger_id)
     by.require(Role.developer, row["project_id"])
-    await pool.execute("DELETE FROM triggers WHERE id = $1", trigger_id)
+    await pool.execute(
+        """WITH gone AS (DELETE FROM triggers WHERE id = $1 RETURNING type)
+           SELECT pg_notify($2, '') FROM gone WHERE type = 'event'""",
+        trigger_id,
+        TRIGGERS_CHANNEL,
+    )
 
 
 async def preview(pool: asyncpg.Pool, by: Principal, trigger_id: str, count: int) -> FireTimes:
@@ -388,3 +402,37 @@ async def preview(pool: asyncpg.Pool, by: Principal, trigger_id: str, count: int
     if start is None:
         return FireTimes(items=[])
     return FireTimes(items=[start, *fire_times(spec, start, count - 1)])
+
+
+async def set_pipeline_triggers_active(
+    conn: asyncpg.Connection, pipeline_id: str, active: bool
+) -> None:
+    """Activate or pause the triggers that start a pipeline (its install and uninstall).
+
+    A cron trigger that becomes active starts from now, like `resume`: no catch-up for the
+    time its pipeline was not installed.
+    """
+    rows = await conn.fetch(
+        "SELECT id, type, spec FROM triggers WHERE pipeline_id = $1 AND active <> $2 FOR UPDATE",
+        pipeline_id,
+        active,
+    )
+    if any(row["type"] == "event" for row in rows):
+        await _notify_change(conn)
+    for row in rows:
+        next_fire_at, status = None, "ok"
+        if active and row["type"] == "cron":
+            next_fire_at = next_fire_time(CronSpec.model_validate(row["spec"]), utcnow())
+            status = "finished" if next_fire_at is None else "ok"
+        await conn.execute(
+            """UPDATE triggers SET active = $2,
+                   next_fire_at = CASE WHEN $2 THEN $3 ELSE next_fire_at END,
+                   status = CASE WHEN $2 THEN $4 ELSE status END,
+                   last_error = CASE WHEN $2 THEN NULL ELSE last_error END,
+                   updated_at = now()
+               WHERE id = $1""",
+            row["id"],
+            active,
+            next_fire_at,
+            status,
+        )

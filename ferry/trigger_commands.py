@@ -9,7 +9,15 @@ from typing import Annotated, Any
 import typer
 from rich.table import Table
 
-from ferry.client_commands import _check, _client, err, out
+from ferry.client_commands import (
+    _check,
+    _client,
+    _project_id,
+    _resource_id,
+    _service_id,
+    err,
+    out,
+)
 
 triggers_app = typer.Typer(help="Cron and event triggers.", no_args_is_help=True)
 
@@ -31,9 +39,14 @@ def _print(body: Any) -> None:
 @triggers_app.command("create")
 def create(
     name: Annotated[str, typer.Argument(help="unique in the project")],
-    project: Annotated[str, typer.Option(help="project id")],
-    service: Annotated[str, typer.Option(help="the service whose function runs")],
-    function: Annotated[str, typer.Option(help="the function to run")],
+    project: Annotated[str, typer.Option(help="project name or id")],
+    service: Annotated[
+        str | None, typer.Option(help="the service whose function runs (name or id)")
+    ] = None,
+    function: Annotated[str | None, typer.Option(help="the function to run")] = None,
+    pipeline: Annotated[
+        str | None, typer.Option(help="the pipeline to run (id or name) instead of a function")
+    ] = None,
     cron: Annotated[str | None, typer.Option(help="cron expression: a cron trigger")] = None,
     timezone: Annotated[str, typer.Option(help="IANA time zone of the cron")] = "UTC",
     misfire: Annotated[str, typer.Option(help="skip, run-once or run-all")] = "run-once",
@@ -48,9 +61,18 @@ def create(
     input_: Annotated[str | None, typer.Option("--input", help="JSON static input")] = None,
     inactive: Annotated[bool, typer.Option(help="create it paused")] = False,
 ) -> None:
-    """Create a cron trigger (--cron) or an event trigger (--resource)."""
+    """Create a cron trigger (--cron) or an event trigger (--resource) that runs a function
+    (--service and --function) or a pipeline (--pipeline)."""
     if (cron is None) == (resource is None):
         err.print("[red]give exactly one of --cron (a cron trigger) or --resource (an event one)")
+        raise typer.Exit(2)
+    operation: dict[str, Any]
+    if pipeline is not None and service is None and function is None:
+        operation = {"type": "pipeline", "pipeline": pipeline}
+    elif pipeline is None and service is not None and function is not None:
+        operation = {"type": "function", "service": service, "function": function}
+    else:
+        err.print("[red]give either --service and --function, or --pipeline")
         raise typer.Exit(2)
     spec: dict[str, Any]
     if cron is not None:
@@ -65,10 +87,13 @@ def create(
         "type": "cron" if cron is not None else "event",
         "active": not inactive,
         "input": _json_option(input_, "input") or {},
-        "operation": {"type": "function", "service": service, "function": function},
+        "operation": operation,
         "spec": spec,
     }
     with _client() as client:
+        body["project"] = _project_id(client, project)
+        if service is not None:
+            operation["service"] = _service_id(client, service, body["project"])
         response = client.post("/triggers", json=body)
         _check(response)
     _print(response.json())
@@ -76,16 +101,23 @@ def create(
 
 @triggers_app.command("list")
 def list_(
-    project: Annotated[str | None, typer.Option()] = None,
+    project: Annotated[str | None, typer.Option(help="only this project (admin tokens)")] = None,
     type_: Annotated[str | None, typer.Option("--type", help="cron or event")] = None,
-    service: Annotated[str | None, typer.Option()] = None,
-    active: Annotated[bool | None, typer.Option("--active/--inactive")] = None,
-    limit: Annotated[int, typer.Option()] = 50,
-    as_json: Annotated[bool, typer.Option("--json")] = False,
+    service: Annotated[str | None, typer.Option(help="only triggers running this service")] = None,
+    pipeline: Annotated[
+        str | None, typer.Option(help="only triggers running this pipeline (id)")
+    ] = None,
+    active: Annotated[
+        bool | None,
+        typer.Option("--active/--inactive", help="only active, or only paused, triggers"),
+    ] = None,
+    limit: Annotated[int, typer.Option(help="how many")] = 50,
+    as_json: Annotated[bool, typer.Option("--json", help="print JSON instead of a table")] = False,
 ) -> None:
     """List triggers."""
     params: dict[str, Any] = {"limit": limit}
-    for key, value in (("project", project), ("type", type_), ("service", service)):
+    filters = (("project", project), ("type", type_), ("service", service), ("pipeline", pipeline))
+    for key, value in filters:
         if value is not None:
             params[key] = value
     if active is not None:
@@ -115,8 +147,9 @@ def list_(
     out.print(table)
 
 
-def _simple(method: str, path: str) -> None:
+def _simple(method: str, trigger: str, action: str = "") -> None:
     with _client() as client:
+        path = f"/triggers/{_resource_id(client, 'triggers', trigger, {})}{action}"
         response = client.request(method, path)
         _check(response)
     if response.status_code != 204:
@@ -124,36 +157,46 @@ def _simple(method: str, path: str) -> None:
 
 
 @triggers_app.command("get")
-def get(trigger_id: str) -> None:
+def get(
+    trigger_id: Annotated[str, typer.Argument(metavar="NAME|ID", help="the trigger's name or id")],
+) -> None:
     """Show a trigger."""
-    _simple("GET", f"/triggers/{trigger_id}")
+    _simple("GET", trigger_id)
 
 
 @triggers_app.command("pause")
-def pause(trigger_id: str) -> None:
+def pause(
+    trigger_id: Annotated[str, typer.Argument(metavar="NAME|ID", help="the trigger's name or id")],
+) -> None:
     """Stop a trigger from firing."""
-    _simple("POST", f"/triggers/{trigger_id}/pause")
+    _simple("POST", trigger_id, "/pause")
 
 
 @triggers_app.command("resume")
-def resume(trigger_id: str) -> None:
+def resume(
+    trigger_id: Annotated[str, typer.Argument(metavar="NAME|ID", help="the trigger's name or id")],
+) -> None:
     """Let a paused trigger fire again (a cron trigger from now on)."""
-    _simple("POST", f"/triggers/{trigger_id}/resume")
+    _simple("POST", trigger_id, "/resume")
 
 
 @triggers_app.command("delete")
-def delete(trigger_id: str) -> None:
+def delete(
+    trigger_id: Annotated[str, typer.Argument(metavar="NAME|ID", help="the trigger's name or id")],
+) -> None:
     """Delete a trigger."""
-    _simple("DELETE", f"/triggers/{trigger_id}")
+    _simple("DELETE", trigger_id)
     err.print(f"deleted {trigger_id}")
 
 
 @triggers_app.command("next")
 def next_(
-    trigger_id: str, count: Annotated[int, typer.Option(help="how many fire times")] = 5
+    trigger_id: Annotated[str, typer.Argument(help="the trigger's id")],
+    count: Annotated[int, typer.Option(help="how many fire times")] = 5,
 ) -> None:
     """Preview a cron trigger's next fire times."""
     with _client() as client:
+        trigger_id = _resource_id(client, "triggers", trigger_id, {})
         response = client.get(f"/triggers/{trigger_id}/next", params={"count": count})
         _check(response)
     for time in response.json()["items"]:

@@ -10,6 +10,7 @@ import socket
 import time
 
 from core.metrics_server import serve_metrics
+from core.outages import UNAVAILABLE, Outage
 from core.resources import open_resources, stop_on_signals
 from core.settings import Settings
 from scheduler.cron import CronLoop
@@ -23,10 +24,14 @@ log = logging.getLogger(__name__)
 
 async def run_scheduler(settings: Settings) -> None:
     stop = stop_on_signals()
-    async with open_resources(settings, pool_size=5) as res:
+    async with open_resources(settings, pool_size=8) as res:
         metrics = SchedulerMetrics()
         stop_metrics = serve_metrics(
-            metrics.registry, settings.api_host, settings.metrics_port_scheduler, "scheduler"
+            metrics.registry,
+            settings.metrics_host,
+            settings.metrics_port_scheduler,
+            "scheduler",
+            token=settings.metrics_token,
         )
         reconciler = Reconciler(res.pool, res.redis, metrics)
         scheduler_id = f"{socket.gethostname()}-{os.getpid()}"
@@ -41,15 +46,20 @@ async def run_scheduler(settings: Settings) -> None:
         )
         log.info("scheduler up: reconciling every %.1f s", settings.reconcile_interval_s)
         due = time.monotonic()
+        outage = Outage("reconciler", log)
         while not stop.is_set():
             metrics.lag.observe(max(time.monotonic() - due, 0.0))
+            interval = settings.reconcile_interval_s
             try:
                 await reconciler.run_once()
+                outage.ok()
+            except UNAVAILABLE as exc:
+                interval = max(interval, outage.lost(exc))
             except Exception:
                 log.exception("reconcile round failed; trying again")
-            due = time.monotonic() + settings.reconcile_interval_s
+            due = time.monotonic() + interval
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), settings.reconcile_interval_s)
+                await asyncio.wait_for(stop.wait(), interval)
         await asyncio.gather(*trigger_loops)
         await retention
         await asyncio.to_thread(stop_metrics)

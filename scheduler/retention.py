@@ -16,6 +16,7 @@ import asyncpg
 from redis.asyncio import Redis
 
 from core.events import EVENTS_STREAM
+from core.outages import UNAVAILABLE, Outage
 
 log = logging.getLogger(__name__)
 
@@ -63,9 +64,13 @@ async def retention_loop(
     pool: asyncpg.Pool, redis: Redis, retention_days: float, stop: asyncio.Event
 ) -> None:
     """Run retention every `INTERVAL_S` until `stop` is set."""
+    outage = Outage("retention", log)
     while not stop.is_set():
         try:
             await run_retention(pool, redis, retention_days)
+            outage.ok()
+        except UNAVAILABLE as exc:
+            outage.lost(exc)  # the next round, INTERVAL_S from now, tries again
         except Exception:
             log.exception("retention round failed; trying again later")
         with contextlib.suppress(TimeoutError):

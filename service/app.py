@@ -13,6 +13,7 @@ from arq.connections import ArqRedis
 from core.secrets import SecretBox
 from core.settings import Settings
 from service import waiters
+from service.console import add_console_routes
 from service.http import endpoint, errors_middleware
 from service.keys import DB, PRINCIPAL_CACHE, REDIS, SECRETS, SETTINGS, WAITERS
 from service.metrics import METRICS, METRICS_ROUTE, ApiMetrics, metrics_middleware
@@ -45,4 +46,5 @@ def create_app(settings: Settings, db: asyncpg.Pool, redis: ArqRedis, dsn: str) 
     for route in routes:
         app.router.add_route(route.method, route.path, endpoint(route))
     add_openapi_routes(app, routes, version("ferry"))
+    add_console_routes(app)
     return app

@@ -8,7 +8,6 @@ gets the events from the moment it connected. Tokens see only their own project'
 from __future__ import annotations
 
 import json
-import re
 from fnmatch import fnmatchcase
 from typing import Any
 
@@ -27,6 +26,7 @@ from service.streams import (
     LiveResponse,
     decode_entries,
     hub_for,
+    parse_stream_id,
     stream_id_key,
 )
 
@@ -35,6 +35,8 @@ _NAME = r"^[a-z][a-z0-9_-]{0,62}$"
 
 
 class EventCreate(Request):
+    body_kind = "input"  # `data` is what triggered executions take as input
+
     project: str
     resource: str = Field(pattern=_NAME)
     action: str = Field(pattern=_NAME)
@@ -80,12 +82,13 @@ async def event_stream(request: web.Request, body, query):
     by = principal(request)
     project = by.project_filter(query.project)
     globs = [g.strip() for g in (query.types or "").split(",") if g.strip()]
-    resume = request.headers.get("Last-Event-ID") or query.last_event_id
+    header = request.headers.get("Last-Event-ID")
+    resume = header or query.last_event_id
     if resume:
-        if not re.fullmatch(r"\d+(-\d+)?", resume):
-            raise Invalid.field("Last-Event-ID", "an event id such as 1700000000000-0")
-        if "-" not in resume:
-            resume += "-0"
+        resume = parse_stream_id(resume)
+        if resume is None:
+            field = "Last-Event-ID" if header else "last_event_id"
+            raise Invalid.field(field, "an event id such as 1700000000000-0")
 
     def keep(payload: dict[str, Any]) -> bool:
         if project is not None and payload["project"] != project:

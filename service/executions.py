@@ -2,21 +2,23 @@
 
 from __future__ import annotations
 
-import asyncio
-
 from aiohttp import web
 
 from core import executions
 from core.errors import Invalid
 from core.states import TERMINAL
+from service import waiters
 from service.http import principal
 from service.keys import DB, REDIS, SETTINGS, WAITERS
+from service.queries import seq_cursor
 
 
 async def create_execution(request: web.Request, body, query):
     [(execution, created)] = await executions.create_executions(
         request.app[DB], request.app[REDIS], principal(request), [body]
     )
+    if query.wait > 0 and execution.status not in TERMINAL:
+        execution = await _until_terminal(request, execution.id, query.wait)
     # A repeated idempotency key answers with the first execution, 200 rather than 201.
     return execution, 201 if created else 200
 
@@ -51,24 +53,16 @@ async def get_execution(request: web.Request, body, query):
 
 async def wait_execution(request: web.Request, body, query):
     """Long-poll: answer at a terminal status or when the timeout passes, whichever is first."""
-    execution_id = request.match_info["id"]
-    waiters = request.app[WAITERS]
-    future = waiters.register(execution_id)
-    try:
-        execution = await executions.get_execution(
-            request.app[DB], principal(request), execution_id
-        )
-        if execution.status not in TERMINAL and query.timeout > 0:
-            try:
-                await asyncio.wait_for(asyncio.shield(future), query.timeout)
-            except TimeoutError:
-                pass
-            execution = await executions.get_execution(
-                request.app[DB], principal(request), execution_id
-            )
-    finally:
-        waiters.discard(execution_id, future)
-    return execution
+    return await _until_terminal(request, request.match_info["id"], query.timeout)
+
+
+async def _until_terminal(request: web.Request, execution_id: str, seconds: float):
+    async def read() -> executions.Execution:
+        return await executions.get_execution(request.app[DB], principal(request), execution_id)
+
+    return await waiters.wait_until(
+        request.app[WAITERS], execution_id, seconds, read, lambda e: e.status in TERMINAL
+    )
 
 
 async def counters(request: web.Request, body, query):
@@ -97,14 +91,10 @@ async def update_progress(request: web.Request, body, query):
 
 
 async def list_logs(request: web.Request, body, query):
-    try:
-        after = int(query.cursor) if query.cursor else 0
-    except ValueError:
-        raise Invalid.field("cursor", "the seq of the last line seen, a whole number") from None
     return await executions.list_logs(
         request.app[DB],
         principal(request),
         request.match_info["id"],
-        after_seq=after,
+        after_seq=seq_cursor(query.cursor),
         limit=query.limit,
     )

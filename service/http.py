@@ -1,10 +1,12 @@
-"""The HTTP plumbing every endpoint shares: the route record, request parsing with pydantic,
-response rendering, and the one middleware that maps errors to API.md's error shape."""
+"""The HTTP plumbing every endpoint shares: the route record, authentication, response
+rendering, and the one middleware that maps errors to the one error shape (docs/api.md,
+"Errors"). Bodies and query strings are read and checked in `service.bodies`."""
 
 from __future__ import annotations
 
 import json
 import logging
+import re
 import time
 import uuid
 from collections.abc import Awaitable, Callable
@@ -12,13 +14,21 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import asyncpg
-import redis.exceptions
 from aiohttp import web
-from pydantic import BaseModel, TypeAdapter, ValidationError
+from pydantic import BaseModel, TypeAdapter
 
 from core import log_context
 from core.auth import Principal, authenticate
-from core.errors import BadRequest, FerryError, Invalid, TooLarge, Unavailable
+from core.errors import (
+    FerryError,
+    Invalid,
+    NotFound,
+    TooLarge,
+    Unauthorized,
+    Unavailable,
+)
+from core.outages import UNAVAILABLE, dependency_of
+from service.bodies import UNSTORABLE, parse_body, parse_query
 from service.keys import DB, PRINCIPAL, PRINCIPAL_CACHE, REQUEST_ID
 
 log = logging.getLogger("ferry.api")
@@ -44,48 +54,6 @@ class Route:
     form: type[BaseModel] | None = None  # multipart body, documented only (parsed by hand)
     errors: tuple[int, ...] = ()
     extra_responses: dict[str, Any] = field(default_factory=dict)
-
-
-def validation_details(exc: ValidationError, prefix: str = "") -> list[dict[str, Any]]:
-    details = []
-    for error in exc.errors(include_url=False):
-        path = prefix
-        for part in error["loc"]:
-            if isinstance(part, int):
-                path += f"[{part}]"
-            else:
-                path += f".{part}" if path else str(part)
-        details.append({"field": path or prefix or "body", "message": error["msg"]})
-    return details
-
-
-async def parse_body(request: web.Request, model: type[BaseModel]) -> BaseModel:
-    raw = await request.read()
-    if not raw:
-        raw = b"{}"
-    try:
-        data = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise BadRequest(f"the body is not valid JSON: {exc}") from None
-    try:
-        return model.model_validate(data)
-    except ValidationError as exc:
-        details = validation_details(exc)
-        raise Invalid(_summary(details), details) from None
-
-
-def parse_query(request: web.Request, model: type[BaseModel]) -> BaseModel:
-    try:
-        return model.model_validate(dict(request.query))
-    except ValidationError as exc:
-        details = validation_details(exc)
-        raise Invalid(_summary(details), details) from None
-
-
-def _summary(details: list[dict[str, Any]]) -> str:
-    first = details[0]
-    more = f" (and {len(details) - 1} more)" if len(details) > 1 else ""
-    return f"{first['field']}: {first['message']}{more}"
 
 
 _adapters: dict[Any, TypeAdapter[Any]] = {}
@@ -117,6 +85,8 @@ def endpoint(route: Route) -> Callable[[web.Request], Awaitable[web.StreamRespon
     async def handle(request: web.Request) -> web.StreamResponse:
         if route.auth:
             request[PRINCIPAL] = await principal_of(request)
+        if any(UNSTORABLE.search(value) for value in request.match_info.values()):
+            raise NotFound("not found: no id holds a NUL character or an unpaired surrogate")
         body = await parse_body(request, route.body) if route.body else None
         query = parse_query(request, route.query) if route.query else None
         return render(await route.handler(request, body=body, query=query), route)
@@ -139,6 +109,8 @@ async def principal_of(request: web.Request) -> Principal:
     scheme, _, secret = header.partition(" ")
     if scheme.lower() != "bearer":
         secret = ""
+    if not secret.isascii():  # tokens are ASCII; other bytes arrive as undecodable text
+        raise Unauthorized("invalid or expired token")
     cache = request.app[PRINCIPAL_CACHE]
     now = time.monotonic()
     hit = cache.get(secret)
@@ -157,13 +129,16 @@ def error_response(error: FerryError, request_id: str) -> web.Response:
     )
 
 
+_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,100}")
 _HTTP_CODES = {400: "bad_request", 404: "not_found", 405: "method_not_allowed", 413: "too_large"}
 
 
 @web.middleware
 async def errors_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Every failure leaves as `{"error": {code, message, details}}`; never a traceback."""
-    request_id = request.headers.get("X-Request-Id") or uuid.uuid4().hex[:16]
+    request_id = request.headers.get("X-Request-Id", "")
+    if not _REQUEST_ID.fullmatch(request_id):  # it is echoed and logged: only plain ids
+        request_id = uuid.uuid4().hex[:16]
     request[REQUEST_ID] = request_id
     log_context.request_id.set(request_id)  # for this request's task: log lines carry it
     try:
@@ -182,16 +157,23 @@ async def errors_middleware(request: web.Request, handler: Handler) -> web.Strea
         if exc.status == 405:
             error.message = f"{request.method} is not allowed on {request.path}"
         return error_response(error, request_id)
-    except (
-        asyncpg.PostgresConnectionError,
-        asyncpg.ConnectionDoesNotExistError,
-        OSError,
-        redis.exceptions.ConnectionError,
-    ) as exc:
-        log.warning("dependency unavailable", extra={"request_id": request_id, "error": str(exc)})
-        return error_response(Unavailable("a dependency is unavailable; retry shortly"), request_id)
+    except UNAVAILABLE as exc:
+        # Only requests that cannot be answered without the server get here: an execution
+        # committed while Redis is down is accepted (201) and queued by the reconciler later.
+        dependency = dependency_of(exc)
+        log.warning(
+            "%s unavailable", dependency, extra={"request_id": request_id, "error": str(exc)}
+        )
+        return error_response(
+            Unavailable(f"{dependency} is unavailable; retry shortly"),
+            request_id,
+        )
     except asyncpg.DataError as exc:
-        return error_response(Invalid(f"a value is out of range: {exc}"), request_id)
+        # Validation should have caught it; PostgreSQL's wording is not the API's to repeat.
+        log.warning(
+            "value refused by PostgreSQL", extra={"request_id": request_id, "error": str(exc)}
+        )
+        return error_response(Invalid("a value is out of range or cannot be stored"), request_id)
     except Exception:
         log.exception("unhandled error", extra={"request_id": request_id})
         return error_response(

@@ -14,17 +14,18 @@ from __future__ import annotations
 import time
 from datetime import datetime
 from fnmatch import fnmatchcase
-from typing import Any
+from typing import Any, cast
 
 from aiohttp import web
 
 from core import executions, services
 from core.errors import Invalid
-from core.events import service_logs_key
+from core.events import log_stream_key, service_logs_key
 from core.models import Model, format_time
 from core.states import TERMINAL
 from service.http import principal
 from service.keys import DB, REDIS, WAITERS
+from service.queries import seq_cursor
 from service.streams import (
     ClientGone,
     Entry,
@@ -32,9 +33,9 @@ from service.streams import (
     decode_entries,
     hub_for,
     live_mode,
+    parse_stream_id,
     stream_id_key,
 )
-from worker.logsink import log_stream_key
 
 STATUS_RECHECK_S = 5.0  # a termination without a NOTIFY (created → terminated) is seen this late
 PAGE = 5_000
@@ -51,13 +52,7 @@ def _line_item(line: dict[str, Any]) -> tuple[str, str, dict[str, Any], str]:
 
 
 def _resume_seq(request: web.Request, cursor: str | None) -> int:
-    raw = request.headers.get("Last-Event-ID") or cursor
-    if not raw:
-        return 0
-    try:
-        return int(raw)
-    except ValueError:
-        raise Invalid.field("cursor", "the seq of the last line seen, a whole number") from None
+    return seq_cursor(request.headers.get("Last-Event-ID") or cursor)
 
 
 async def execution_logs(request: web.Request, body, query):
@@ -130,18 +125,35 @@ async def execution_logs(request: web.Request, body, query):
         return out.response
 
 
+frames_rendered = 0  # live entries rendered to frames, for tests and curiosity
+
+
+def _frame(fields: dict[str, str], mode: str) -> bytes:
+    """A log entry as written to every follower in `mode`, rendered once per API process:
+    the hub hands the same decoded entry to each subscriber, which keeps the bytes in it
+    (under a key no Redis field can have)."""
+    memo = cast(dict[Any, Any], fields)
+    frame = memo.get((mode,))
+    if frame is None:
+        global frames_rendered
+        frames_rendered += 1
+        line = _line_payload(int(fields["seq"]), fields["at"], fields["stream"], fields["text"])
+        frame = memo[(mode,)] = LiveResponse.render([_line_item(line)], mode)
+    return cast(bytes, frame)
+
+
 async def _send_new(out: LiveResponse, entries: list[Entry], cursor: int, catch_up) -> int:
-    lines = []
+    frames: list[bytes] = []
     for _, fields in entries:
         seq = int(fields["seq"])
         if seq <= cursor:
             continue  # already sent from PostgreSQL
         if seq != cursor + 1:  # a gap (trimmed stream?): PostgreSQL has every line
-            await out.send(lines)
-            return await catch_up(lines[-1][2]["seq"] if lines else cursor)
-        lines.append(_line_item(_line_payload(seq, fields["at"], fields["stream"], fields["text"])))
+            await out.write_frames(frames)
+            return await catch_up(cursor)
+        frames.append(_frame(fields, out.mode))
         cursor = seq
-    await out.send(lines)
+    await out.write_frames(frames)
     return cursor
 
 
@@ -194,11 +206,10 @@ def _service_start(request: web.Request, query) -> str:
     """The exclusive lower bound of ids to send: Last-Event-ID, cursor, `since`, or all."""
     raw = request.headers.get("Last-Event-ID") or query.cursor
     if raw:
-        try:
-            stream_id_key(raw)
-        except ValueError:
-            raise Invalid.field("cursor", "a log line id (as in Last-Event-ID)") from None
-        return raw
+        start = parse_stream_id(raw)
+        if start is None:
+            raise Invalid.field("cursor", "a log line id (as in Last-Event-ID)")
+        return start
     if query.since is not None:
         return f"{max(0, int(query.since.timestamp() * 1000) - 1)}-18446744073709551615"
     return "0-0"

@@ -22,8 +22,12 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Histogram,
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from core import queue
+from core import queue, replica_store
+from core.errors import Forbidden, Unauthorized
+from core.metrics_server import metrics_refusal
+from core.outages import REDIS_UNAVAILABLE
 from service.http import Handler, Route
+from service.keys import SETTINGS
 
 CLUSTER_CACHE_S = 10.0
 RECENT_WINDOW_S = 3600  # terminal executions are counted over this window, not all history
@@ -41,12 +45,6 @@ _RECENT_EXECUTIONS = """
         WHERE service_id = s.id AND created_at > now() - make_interval(secs => $1)
           AND status IN ('success', 'failed', 'terminated')
         GROUP BY status) e"""
-_REPLICAS = """
-    SELECT service_id, status, count(*) AS n FROM replicas
-    WHERE status IN ('starting', 'ready', 'draining')
-       OR stopped_at > now() - make_interval(secs => $1)
-    GROUP BY service_id, status"""
-_WORKERS = "SELECT count(*) FROM workers WHERE heartbeat_at > now() - make_interval(secs => $1)"
 
 
 class ClusterCollector(Collector):
@@ -69,15 +67,22 @@ class ClusterCollector(Collector):
             async with self.db.acquire() as conn:
                 executions = await conn.fetch(_LIVE_EXECUTIONS)
                 executions += await conn.fetch(_RECENT_EXECUTIONS, RECENT_WINDOW_S)
-                replicas = await conn.fetch(_REPLICAS, RECENT_WINDOW_S)
-                workers = await conn.fetchval(_WORKERS, WORKER_ALIVE_S)
+                replicas = await replica_store.count_by_status(
+                    conn, stopped_within_s=RECENT_WINDOW_S
+                )
+                workers = await replica_store.count_live_workers(
+                    conn, heartbeat_within_s=WORKER_ALIVE_S
+                )
                 service_ids = [r["id"] for r in await conn.fetch("SELECT id FROM services")]
             lengths: list[int] = []
             if service_ids:
-                async with self.redis.pipeline(transaction=False) as pipe:
-                    for service_id in service_ids:
-                        pipe.zcard(queue.queue_name(service_id))
-                    lengths = await pipe.execute()
+                try:
+                    async with self.redis.pipeline(transaction=False) as pipe:
+                        for service_id in service_ids:
+                            pipe.zcard(queue.queue_name(service_id))
+                        lengths = await pipe.execute()
+                except REDIS_UNAVAILABLE:
+                    service_ids = []  # Redis is down: the rest is still worth scraping
             self._snapshot = {
                 "executions": [(r["service_id"], r["status"], r["n"]) for r in executions],
                 "replicas": [(r["service_id"], r["status"], r["n"]) for r in replicas],
@@ -166,6 +171,10 @@ async def metrics_middleware(request: web.Request, handler: Handler) -> web.Stre
 
 
 async def scrape(request: web.Request, body: Any, query: Any) -> web.Response:
+    token = request.app[SETTINGS].metrics_token
+    refusal = metrics_refusal(request.remote, request.headers.get("Authorization"), token)
+    if refusal is not None:
+        raise Unauthorized(refusal) if token else Forbidden(refusal)
     metrics = request.app[METRICS]
     await metrics.cluster.refresh()
     response = web.Response(body=generate_latest(metrics.registry))
@@ -177,8 +186,11 @@ METRICS_ROUTE = Route(
     "GET",
     "/metrics",
     scrape,
-    "Prometheus metrics: request latency and cluster-wide gauges",
+    "Prometheus metrics: request latency and cluster-wide gauges. Loopback clients only, "
+    "or any client with the bearer token FERRY_METRICS_TOKEN when it is set",
     "health",
     auth=False,
+    # 401/403: see core/metrics_server.py; 503: the cluster gauges are read at each scrape.
+    errors=(401, 403, 503),
     extra_responses={"content": {"text/plain": {"schema": {"type": "string"}}}},
 )

@@ -48,6 +48,7 @@ _STATUS_TEXT = {
     404: "Not found (or not visible to this token)",
     409: "Conflict",
     413: "Too large",
+    415: "The body is not of a type this endpoint takes",
     422: "Invalid: details name each offending field",
     503: "A dependency is unavailable",
 }
@@ -65,6 +66,23 @@ class _Schemas:
             self.components[name] = schema
             return {"$ref": REF.format(model=name)}
         return schema
+
+
+def possible_errors(route: Route) -> set[int]:
+    """Every error status the route can answer: its own `errors` plus those the shared
+    plumbing (`service.http`, `service.bodies`) gives any route of its shape."""
+    errors = set(route.errors) | {400}
+    if route.auth:
+        errors |= {401, 503}  # the token is looked up in PostgreSQL
+    if _PATH_PARAM.search(route.path):
+        errors.add(404)
+    if route.query is not None:
+        errors.add(422)
+        if "project" in route.query.model_fields:  # another project's list is not found
+            errors.add(404)
+    if route.body is not None or route.form is not None:
+        errors |= {413, 415, 422}
+    return errors
 
 
 def build_openapi(routes: list[Route], version: str) -> dict[str, Any]:
@@ -120,8 +138,7 @@ def build_openapi(routes: list[Route], version: str) -> dict[str, Any]:
                 "description": "The idempotency key matched an earlier execution",
                 "content": success["content"],
             }
-        errors = set(route.errors) | ({401} if route.auth else set()) | {400}
-        for status in sorted(errors):
+        for status in sorted(possible_errors(route)):
             operation["responses"][str(status)] = {
                 "description": _STATUS_TEXT.get(status, "Error"),
                 "content": {"application/json": {"schema": {"$ref": REF.format(model="Error")}}},

@@ -5,10 +5,12 @@ from __future__ import annotations
 import asyncio
 
 from aiohttp import BodyPartReader, web
+from aiohttp.http_exceptions import HttpProcessingError
 from pydantic import BaseModel, Field
 
 from core import packages
-from core.errors import BadRequest, Invalid, TooLarge
+from core.errors import BadRequest, Invalid, TooLarge, UnsupportedMediaType
+from service.bodies import UNSTORABLE, UNSTORABLE_MESSAGE
 from service.http import principal
 from service.keys import DB, SETTINGS
 
@@ -25,36 +27,54 @@ class PackageUpload(BaseModel):
     )
 
 
+FIELD_MAX_BYTES = 1024 * 1024  # `project` and `manifest`; the codebase has its own limit
+
+
+async def _read_part(part: BodyPartReader, cap: int, too_large: str) -> bytes:
+    chunks, size = [], 0
+    while chunk := await part.read_chunk(256 * 1024):
+        size += len(chunk)
+        if size > cap:
+            raise TooLarge(too_large)
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
 async def _read_upload(request: web.Request) -> tuple[dict[str, str], bytes, str | None]:
     settings = request.app[SETTINGS]
     cap = settings.max_upload_mb * 1024 * 1024
     if request.content_length is not None and request.content_length > cap + 64 * 1024:
         raise TooLarge(f"uploads are limited to {settings.max_upload_mb} MB")
-    if not request.content_type.startswith("multipart/"):
-        raise BadRequest(
+    if request.content_type != "multipart/form-data":
+        raise UnsupportedMediaType(
             "send multipart/form-data with `project`, `codebase` and optional `manifest`"
         )
     fields: dict[str, str] = {}
     codebase: bytes | None = None
     filename: str | None = None
-    reader = await request.multipart()
-    while (part := await reader.next()) is not None:
-        if not isinstance(part, BodyPartReader):
-            continue
-        if part.name == "codebase":
-            filename = part.filename
-            chunks, size = [], 0
-            while chunk := await part.read_chunk(256 * 1024):
-                size += len(chunk)
-                if size > cap:
-                    raise TooLarge(f"the codebase exceeds {settings.max_upload_mb} MB")
-                chunks.append(chunk)
-            codebase = b"".join(chunks)
-        elif part.name in ("project", "manifest"):
-            value = await part.read(decode=True)
-            if len(value) > 1024 * 1024:
-                raise TooLarge(f"the {part.name} field is too large")
-            fields[part.name] = value.decode("utf-8", errors="replace")
+    try:
+        reader = await request.multipart()
+        while (part := await reader.next()) is not None:
+            if not isinstance(part, BodyPartReader):
+                continue
+            if part.name == "codebase":
+                filename = part.filename
+                codebase = await _read_part(
+                    part, cap, f"the codebase exceeds {settings.max_upload_mb} MB"
+                )
+            elif part.name in ("project", "manifest"):
+                value = await _read_part(
+                    part, FIELD_MAX_BYTES, f"the {part.name} field exceeds {FIELD_MAX_BYTES} bytes"
+                )
+                fields[part.name] = value.decode("utf-8", errors="replace")
+                if UNSTORABLE.search(fields[part.name]):
+                    raise Invalid.field(part.name, UNSTORABLE_MESSAGE)
+    except (ValueError, AssertionError, LookupError, HttpProcessingError) as exc:
+        # aiohttp's multipart reader says what is wrong with a malformed body this way.
+        message = f"the multipart body is malformed: {exc or type(exc).__name__}"
+        raise BadRequest(message, [{"field": "body", "message": message}]) from None
+    if filename is not None and UNSTORABLE.search(filename):
+        raise Invalid.field("codebase", f"the file name {UNSTORABLE_MESSAGE}")
     if codebase is None:
         raise Invalid.field("codebase", "missing: attach the archive as the `codebase` file field")
     return fields, codebase, filename

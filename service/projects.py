@@ -54,3 +54,7 @@ async def list_tokens(request: web.Request, body, query):
 
 async def delete_token(request: web.Request, body, query):
     await auth.delete_token(request.app[DB], principal(request), request.match_info["id"])
+
+
+async def current_token(request: web.Request, body, query):
+    return await auth.current_token(request.app[DB], principal(request))

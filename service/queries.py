@@ -4,19 +4,56 @@ from __future__ import annotations
 
 from datetime import datetime
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
+from core.errors import Invalid
+from core.models import INT32_MAX, within_storable_range
 from core.pagination import Order
+from core.settings import Settings
 
 
 class Query(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
+
+    _storable = field_validator("*")(within_storable_range)
+
+
+def seq_cursor(raw: str | None) -> int:
+    """An execution log cursor (the last `seq` seen) as a number; 0 when absent."""
+    if not raw:
+        return 0
+    if not (raw.isascii() and raw.isdigit()) or len(raw) > 10 or int(raw) > INT32_MAX:
+        raise Invalid.field("cursor", "the seq of the last line seen, a whole number")
+    return int(raw)
 
 
 class ListQuery(Query):
-    limit: int = Field(default=50, ge=1, le=1000)
+    limit: int | None = Field(
+        default=None,
+        ge=1,
+        validate_default=True,
+        description="page size: default FERRY_LIST_DEFAULT_LIMIT (50), "
+        "at most FERRY_LIST_MAX_LIMIT (1000)",
+    )
     cursor: str | None = None
     order: Order = "-created_at"
+
+    @field_validator("limit")
+    @classmethod
+    def _limit_within_settings(cls, value: int | None, info: ValidationInfo) -> int:
+        # The server's settings arrive as validation context; without them (a query built in
+        # code) the settings' own defaults apply.
+        settings = (info.context or {}).get("settings")
+        if settings is None:
+            default = Settings.model_fields["list_default_limit"].default
+            most = Settings.model_fields["list_max_limit"].default
+        else:
+            default, most = settings.list_default_limit, settings.list_max_limit
+        if value is None:
+            return min(default, most)
+        if value > most:
+            raise ValueError(f"must be at most {most}")
+        return value
 
 
 class ProjectFilter(ListQuery):
@@ -46,6 +83,22 @@ class TriggerList(ProjectFilter):
     type: str | None = Field(default=None, description="cron or event")
     active: bool | None = None
     service: str | None = None
+    pipeline: str | None = Field(default=None, description="a pipeline id")
+
+
+class PipelineExecutionList(ProjectFilter):
+    pipeline: str | None = None
+    status: str | None = Field(default=None, description="one status or several, comma-separated")
+
+
+class PipelineLogQuery(Query):
+    cursor: str | None = Field(default=None, description="the next_cursor of the last page")
+    limit: int = Field(default=1000, ge=1, le=10_000)
+    follow: bool = Field(
+        default=False,
+        description="with Accept: text/event-stream or text/plain: keep streaming until the "
+        "pipeline execution has ended",
+    )
 
 
 class FireTimesQuery(Query):
@@ -66,7 +119,23 @@ class ForceQuery(Query):
 
 
 class WaitQuery(Query):
-    timeout: float = Field(default=30, ge=0, le=300)
+    timeout: float = Field(
+        default=30,
+        ge=0,
+        le=300,
+        description="seconds to wait for a terminal status; the answer is the execution as it "
+        "then is, finished or not",
+    )
+
+
+class CreateWaitQuery(Query):
+    wait: float = Field(
+        default=0,
+        ge=0,
+        le=300,
+        description="seconds to wait for the new execution to end: when it ends within them the "
+        "answer is the finished execution (output included), otherwise as it then is",
+    )
 
 
 class LogQuery(Query):

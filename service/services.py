@@ -4,15 +4,20 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from core import queue, services
-from core.services import ReplicaStatus, ServiceStatus
+from core import queue, replica_store, services
+from core.services import ServiceStatus
 from service.http import principal
-from service.keys import DB, REDIS, SECRETS
+from service.keys import DB, REDIS, SECRETS, SETTINGS
 
 
 async def create_service(request: web.Request, body, query):
     return await services.create_service(
-        request.app[DB], request.app[SECRETS], principal(request), body, request.app[REDIS]
+        request.app[DB],
+        request.app[SECRETS],
+        principal(request),
+        body,
+        request.app[REDIS],
+        default_timeout_s=request.app[SETTINGS].default_execution_timeout_s,
     )
 
 
@@ -69,14 +74,17 @@ async def service_status(request: web.Request, body, query):
         "SELECT count(*) FROM executions WHERE service_id = $1 AND status = 'in-progress'",
         row["id"],
     )
-    replicas = await pool.fetch(
-        """SELECT * FROM replicas WHERE service_id = $1 AND status IN ('starting', 'ready', 'draining')
-           ORDER BY started_at""",
-        row["id"],
-    )
+    replicas = await replica_store.live_replicas(pool, row["id"])
+    # Why replicas of the current generation cannot start, while none of them is ready.
+    failed = None
+    if not any(r.status == "ready" and r.generation == row["generation"] for r in replicas):
+        failed = await replica_store.last_failed_replica(
+            pool, row["id"], generation=row["generation"]
+        )
     return ServiceStatus(
         queue_length=await queue.queue_length(request.app[REDIS], row["id"]),
         in_progress=in_progress,
         desired_replicas=row["desired_replicas"],
-        replicas=[ReplicaStatus.model_validate(dict(r)) for r in replicas],
+        replicas=replicas,
+        last_failure=failed,
     )

@@ -15,6 +15,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import re
 import time
 import weakref
 from collections.abc import Iterable
@@ -41,6 +42,22 @@ def _text(value: Any) -> str:
 
 def decode_entries(raw: Iterable[tuple[Any, dict[Any, Any]]]) -> list[Entry]:
     return [(_text(i), {_text(k): _text(v) for k, v in f.items()}) for i, f in raw]
+
+
+# Redis stream ids are two unsigned 64-bit numbers; anything else makes Redis refuse the command.
+_STREAM_ID = re.compile(r"([0-9]{1,20})(?:-([0-9]{1,20}))?")
+_U64_MAX = 2**64 - 1
+
+
+def parse_stream_id(raw: str) -> str | None:
+    """A client's `ms` or `ms-seq` as a full stream id, or None when Redis would refuse it."""
+    match = _STREAM_ID.fullmatch(raw)
+    if match is None:
+        return None
+    ms, seq = int(match[1]), int(match[2] or 0)
+    if ms > _U64_MAX or seq > _U64_MAX:
+        return None
+    return f"{ms}-{seq}"
 
 
 def stream_id_key(stream_id: str) -> tuple[int, int]:
@@ -219,26 +236,38 @@ class LiveResponse:
         return transport is None or transport.is_closing()
 
     async def _write(self, data: str) -> None:
+        await self._write_bytes(data.encode())
+
+    async def _write_bytes(self, data: bytes) -> None:
         if self.gone:
             raise ClientGone
         try:
-            await self.response.write(data.encode())
+            await self.response.write(data)
         except (ConnectionError, RuntimeError) as exc:  # RuntimeError: the transport closed
             raise ClientGone from exc
         self.last_write = time.monotonic()
 
-    async def send(self, items: list[tuple[str, str | None, dict[str, Any], str]]) -> None:
-        """(id, event name, JSON payload, text line) each; written in one chunk."""
-        if not items:
-            return
-        if self.mode == "sse":
+    @staticmethod
+    def render(items: list[tuple[str, str | None, dict[str, Any], str]], mode: str) -> bytes:
+        """(id, event name, JSON payload, text line) each, as `mode` writes them."""
+        if mode == "sse":
             parts = []
             for event_id, event, payload, _ in items:
                 head = f"id: {event_id}\n" + (f"event: {event}\n" if event else "")
                 parts.append(f"{head}data: {json.dumps(payload, default=str)}\n\n")
         else:
             parts = [f"{line}\n" for *_, line in items]
-        await self._write("".join(parts))
+        return "".join(parts).encode()
+
+    async def send(self, items: list[tuple[str, str | None, dict[str, Any], str]]) -> None:
+        """(id, event name, JSON payload, text line) each; written in one chunk."""
+        if items:
+            await self._write_bytes(self.render(items, self.mode))
+
+    async def write_frames(self, frames: list[bytes]) -> None:
+        """Frames rendered once (`render`) for many followers; written in one chunk."""
+        if frames:
+            await self._write_bytes(b"".join(frames))
 
     async def end(self, payload: dict[str, Any]) -> None:
         if self.mode == "sse":

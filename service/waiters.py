@@ -7,27 +7,73 @@ waiting costs no polling and no connection per waiter.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import logging
 from collections import defaultdict
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
+from typing import TypeVar
 
 import asyncpg
 
+from core.outages import UNAVAILABLE, Outage
 from core.states import NOTIFY_CHANNEL
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 class FinishedWaiters:
     def __init__(self) -> None:
         self._waiting: dict[str, set[asyncio.Future[None]]] = defaultdict(set)
         self._conn: asyncpg.Connection | None = None
+        self._dsn = ""
+        self._stopping = False
+        self._reconnecting: asyncio.Task[None] | None = None
+        self._outage = Outage("execution waiters (LISTEN)", log)
 
     async def start(self, dsn: str) -> None:
-        self._conn = await asyncpg.connect(dsn)
-        await self._conn.add_listener(NOTIFY_CHANNEL, self._on_notify)
+        self._dsn = dsn
+        await self._connect()
+
+    async def _connect(self) -> None:
+        conn = await asyncpg.connect(self._dsn)
+        await conn.add_listener(NOTIFY_CHANNEL, self._on_notify)
+        conn.add_termination_listener(self._on_lost)
+        self._conn = conn
+
+    def _on_lost(self, _conn: object) -> None:
+        """PostgreSQL went away: listen again once it is back. Notifications sent meanwhile
+        are lost, so every waiter is woken then to read its row again."""
+        if self._stopping or self._reconnecting is not None:
+            return
+        self._reconnecting = asyncio.get_running_loop().create_task(self._reconnect())
+
+    async def _reconnect(self) -> None:
+        try:
+            while not self._stopping:
+                try:
+                    await self._connect()
+                except UNAVAILABLE as exc:
+                    await asyncio.sleep(self._outage.lost(exc))
+                    continue
+                self._outage.ok()
+                self._wake_all()
+                return
+        finally:
+            self._reconnecting = None
+
+    def _wake_all(self) -> None:
+        for execution_id in list(self._waiting):
+            self._on_notify(None, 0, NOTIFY_CHANNEL, execution_id)
 
     async def stop(self) -> None:
+        self._stopping = True
+        if self._reconnecting is not None:
+            self._reconnecting.cancel()
         if self._conn is not None:
-            await self._conn.close()
+            with contextlib.suppress(*UNAVAILABLE):
+                await self._conn.close()
         for futures in self._waiting.values():
             for future in futures:
                 future.cancel()
@@ -49,6 +95,32 @@ class FinishedWaiters:
             futures.discard(future)
             if not futures:
                 del self._waiting[execution_id]
+
+
+async def wait_until(
+    waiters: FinishedWaiters,
+    key: str,
+    timeout_s: float,
+    read: Callable[[], Awaitable[T]],
+    ended: Callable[[T], bool],
+) -> T:
+    """Long-poll: `read()` again each time `key` is notified, until `ended` says so or
+    `timeout_s` passed; returns the last read. A wake-up that finds it still running (a
+    retry, or the LISTEN link came back) waits on for the rest of the time."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout_s
+    future = waiters.register(key)  # before reading: no end is missed
+    try:
+        current = await read()
+        while not ended(current) and (left := deadline - loop.time()) > 0:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.shield(future), left)
+            waiters.discard(key, future)
+            future = waiters.register(key)
+            current = await read()
+        return current
+    finally:
+        waiters.discard(key, future)
 
 
 @asynccontextmanager

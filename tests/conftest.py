@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import os
 import tempfile
 import zipfile
@@ -22,8 +23,43 @@ from core import auth, db, queue
 from core.embedded import EmbeddedStack
 from core.settings import Settings
 from service.app import create_app
+from tests.process_helpers import workers  # noqa: F401 - a fixture the tests share
 
-_TABLES_KEPT = {"schema_migrations"}
+# `installation` names this test database's Ferry: workers label their containers with it, and
+# their start-up clean-up touches only their own. Emptied, every test run on a shared Docker
+# engine would be the same (unnamed) installation and remove the others' replicas.
+_TABLES_KEPT = {"schema_migrations", "installation"}
+
+
+def _skip_reason(report: pytest.TestReport) -> str:
+    longrepr = report.longrepr
+    reason = longrepr[2] if isinstance(longrepr, tuple) else str(longrepr)
+    return reason.removeprefix("Skipped: ")
+
+
+@pytest.hookimpl(wrapper=True, tryfirst=True)
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    """Say loudly, after every other summary, how many Docker tests did not run and why:
+    a green run without them has not tested the Docker runtime."""
+    yield
+    skipped = [
+        report
+        for report in terminalreporter.stats.get("skipped", [])
+        if "docker" in report.keywords or "docker" in _skip_reason(report).lower()
+    ]
+    if not skipped:
+        return
+    reasons: dict[str, int] = {}
+    for report in skipped:
+        reasons[_skip_reason(report)] = reasons.get(_skip_reason(report), 0) + 1
+    terminalreporter.write_sep("!", f"{len(skipped)} DOCKER TESTS SKIPPED", red=True, bold=True)
+    for reason, count in sorted(reasons.items(), key=lambda item: -item[1]):
+        terminalreporter.write_line(f"  {count} skipped: {reason}", red=True, bold=True)
+    terminalreporter.write_line(
+        "  The Docker runtime was NOT tested: start a Docker engine and `make image`.",
+        red=True,
+        bold=True,
+    )
 
 
 @pytest.fixture(scope="session")
@@ -78,7 +114,22 @@ async def clean(request, pool, redis):
     tables = await pool.fetch("SELECT tablename FROM pg_tables WHERE schemaname = 'public'")
     names = [f'"{t["tablename"]}"' for t in tables if t["tablename"] not in _TABLES_KEPT]
     if names:
-        await pool.execute(f"TRUNCATE {', '.join(names)} CASCADE")
+        async with pool.acquire() as conn:
+            # A connection a previous test left inside a transaction (a task cancelled at
+            # teardown in the middle of its query) would hold its locks, and the TRUNCATE
+            # below would wait for it for ever: end it, and say so.
+            stuck = await conn.fetch(
+                """SELECT pid, left(query, 120) AS query FROM pg_stat_activity
+                   WHERE datname = current_database() AND pid <> pg_backend_pid()
+                     AND state <> 'idle' AND xact_start IS NOT NULL"""
+            )
+            for row in stuck:
+                logging.getLogger(__name__).warning(
+                    "ending a connection left in a transaction by an earlier test: %s",
+                    row["query"],
+                )
+                await conn.execute("SELECT pg_terminate_backend($1)", row["pid"])
+            await conn.execute(f"TRUNCATE {', '.join(names)} CASCADE")
     await redis.flushdb()
     yield
 

@@ -53,3 +53,20 @@ async def wait_for_status(api: Any, execution_id: str, timeout_s: float = 60) ->
     status, body = await api.get(f"/api/v1/executions/{execution_id}/wait?timeout={timeout_s}")
     assert status == 200, body
     return body
+
+
+async def wait_parked(api: Any, execution_id: str, timeout_s: float = 30) -> None:
+    """Until a `GET /executions/{id}/wait` request is parked on the execution: registered
+    with the API's waiters and awaiting its wake-up (past its first read of the row), so
+    that what answers it next can only be the wake-up or its timeout."""
+    from service.keys import WAITERS
+
+    waiters = api.client.app[WAITERS]
+    deadline = asyncio.get_running_loop().time() + timeout_s
+    while True:
+        futures = waiters._waiting.get(execution_id, ())
+        # The handler shields its future while it waits: a done callback appears then.
+        if any(f._callbacks for f in futures):
+            return
+        assert asyncio.get_running_loop().time() < deadline, f"no waiter parked on {execution_id}"
+        await asyncio.sleep(0.01)

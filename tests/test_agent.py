@@ -19,7 +19,9 @@ from worker.runtimes import ProcessRuntime
 async def replica(tmp_path_factory):
     """One warm replica shared by the tests that leave it serving."""
     runtime = ProcessRuntime()
-    started = await start_replica(runtime, make_spec(tmp_path_factory.mktemp("agent")))
+    # 1 GB: room to encode a 65 MB output (a few copies of it) under the execution's bound.
+    spec = make_spec(tmp_path_factory.mktemp("agent"), memory_mb=1024)
+    started = await start_replica(runtime, spec)
     yield started
     await started.close()
 
@@ -359,3 +361,93 @@ async def test_connect_gives_up_with_a_clear_error(tmp_path):
 async def test_socket_path_too_long_is_refused():
     with pytest.raises(AgentStartError, match="over 107 bytes"):
         await AgentConnection().connect("/tmp/" + "x" * 120, timeout_s=1)
+
+
+# -- a service that reuses processes (`executions_per_process` above 1) ------------------
+
+
+async def test_a_reused_process_carries_state_up_to_its_limit(tmp_path_factory):
+    spec = make_spec(
+        tmp_path_factory.mktemp("reuse"),
+        codebase="stateful",
+        entry_point="model.py",
+        class_name="Runner",
+        init_inputs={"greeting": "hi"},
+        functions={"state": {}},
+        concurrency=1,
+        executions_per_process=3,
+    )
+    started = await start_replica(ProcessRuntime(), spec)
+    try:
+        states = [(await started.call("state")).outcome.output for _ in range(7)]
+    finally:
+        await started.close()
+    # What an execution mutates is there for the next one the same process runs, and a
+    # process runs three, then a new one (forked from the agent's state) takes over.
+    assert [s["calls"] for s in states] == [1, 2, 3, 1, 2, 3, 1]
+    pids = [s["pid"] for s in states]
+    assert pids[0] == pids[1] == pids[2] != pids[3] == pids[4] == pids[5] != pids[6]
+    assert len({pids[0], pids[3], pids[6]}) == 3
+    assert {s["inits"] for s in states} == {1}
+    assert {s["agent"] for s in states} == {started.ready["pid"]}
+    assert all(process_gone(pid) for pid in (pids[0], pids[3]))
+
+
+@pytest.fixture(scope="module")
+async def reusing_replica(tmp_path_factory):
+    spec = make_spec(tmp_path_factory.mktemp("reusing"), memory_mb=256, executions_per_process=1000)
+    started = await start_replica(ProcessRuntime(), spec)
+    yield started
+    await started.close()
+
+
+async def test_a_reused_process_keeps_each_executions_output_apart(reusing_replica: Replica):
+    calls = [await reusing_replica.call("chatter", lines=i) for i in (3, 1, 2)]
+    for lines, call in zip((3, 1, 2), calls, strict=True):
+        assert call.outcome.output == "done"
+        assert call.lines("stdout") == [
+            *(f"out {i}" for i in range(lines)),
+            "raw fd write",
+            "from a subprocess",
+            "no newline at the end",
+        ]
+        assert call.lines("stderr") == [
+            *(f"err {i}" for i in range(lines)),
+            "INFO basic: logged info",
+        ]
+    flood = await reusing_replica.call("flood", lines=20_000)
+    after = await reusing_replica.call("chatter", lines=1)
+    assert len(flood.lines("stdout")) == 20_000 and flood.outcome.output == 20_000
+    assert after.lines("stdout")[0] == "out 0" and len(after.lines("stdout")) == 4
+
+
+async def test_a_reused_process_is_replaced_after_a_kill_or_running_out_of_memory(
+    reusing_replica: Replica,
+):
+    first = (await reusing_replica.call("pids")).outcome.output["child"]
+    assert (await reusing_replica.call("pids")).outcome.output["child"] == first
+    errors = await reusing_replica.call("fail", message="bad")
+    assert errors.outcome.status == "failed"
+    assert (await reusing_replica.call("pids")).outcome.output["child"] == first  # kept
+
+    timed_out = await reusing_replica.call("sleep", timeout_s=1, seconds=60)
+    assert timed_out.outcome.status == "timeout"
+    slept_in = int(timed_out.lines("stdout")[0].split("pid=")[1])
+    assert process_gone(slept_in)
+    second = (await reusing_replica.call("pids")).outcome.output["child"]
+    assert second != slept_in
+
+    hog = await reusing_replica.call("allocate", megabytes=400)  # over its 192 MB bound
+    assert hog.outcome.status == "oom" and hog.outcome.error["type"] == "OutOfMemory"
+    third = (await reusing_replica.call("pids")).outcome.output["child"]
+    assert third != second  # a process that ran out of memory runs nothing more
+    assert (await reusing_replica.call("add", a=2, b=3)).outcome.output == {"sum": 5}
+
+
+async def test_reused_processes_run_side_by_side(reusing_replica: Replica):
+    calls = await asyncio.gather(*(reusing_replica.call("sleep", seconds=0.3) for _ in range(4)))
+    assert [c.outcome.status for c in calls] == ["success"] * 4
+    pids = {int(c.lines("stdout")[0].split("pid=")[1]) for c in calls}
+    assert len(pids) == 4  # concurrency 4: four processes at once
+    again = await asyncio.gather(*(reusing_replica.call("pids") for _ in range(4)))
+    assert {c.outcome.output["child"] for c in again} <= pids  # and they wait to be reused

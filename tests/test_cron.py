@@ -13,7 +13,7 @@ from zoneinfo import ZoneInfo
 from croniter import croniter
 
 from core.triggers import CronSpec, fire_times, next_fire_time
-from scheduler.cron import CronLoop, ticks_to_fire
+from scheduler.cron import MISFIRE_GRACE_S, CronLoop, ticks_to_fire
 
 BERLIN = ZoneInfo("Europe/Berlin")
 
@@ -140,9 +140,9 @@ async def test_three_schedulers_fire_each_second_exactly_once(api, pool, redis, 
     lags = sorted((r["created_at"] - r["trigger_fire_time"]).total_seconds() for r in rows)
     p50, p99 = statistics.median(lags), lags[min(len(lags) - 1, int(len(lags) * 0.99))]
     print(f"cron fire lag over {len(lags)} ticks: p50 {p50 * 1000:.0f} ms, p99 {p99 * 1000:.0f} ms")
-    # Speed is measured in bench/, not asserted: only a lag that would break "each second
-    # exactly once" fails here.
-    assert p99 < 1.0
+    # The lag is a figure of bench/triggers.py (under load, at scale), not a promise of this
+    # test. What is exact: no tick fires before its time (PostgreSQL's clock both sides).
+    assert lags[0] >= 0, lags
 
     assert await fired(pool, inactive["id"]) == []
     assert await fired(pool, paused["id"]) == []
@@ -181,25 +181,39 @@ async def test_misfire_policy_after_every_scheduler_was_down(api, pool, redis, p
         for p, t in triggers.items()
     }
     await asyncio.sleep(3.0)
-    # Restart half-way through a second, so "more than 1 s late" is unambiguous per tick.
+    # The first round after the restart decides what was missed, at a moment PostgreSQL
+    # brackets: a tick more than 1 s before `before` was missed, one less than 1 s before
+    # `after` was on time. The round starts half-way through a second, so a tick is in
+    # between only if the round took more than half a second.
     await asyncio.sleep((1.5 - time.time() % 1.0) % 1.0)
-    restarted = datetime.now(UTC)
+    loops = [CronLoop(pool, redis, f"scheduler-{i}", 100) for i in range(3)]
+    before = await pool.fetchval("SELECT clock_timestamp()")
+    await asyncio.gather(*(loop.run_once() for loop in loops))
+    after = await pool.fetchval("SELECT clock_timestamp()")
     await run_schedulers(pool, redis, 1.5)
-    cutoff = restarted - timedelta(seconds=1.0)  # ticks before this were missed
+    grace = timedelta(seconds=MISFIRE_GRACE_S)
     for policy, trigger in triggers.items():
         times = [r["trigger_fire_time"] for r in await fired(pool, trigger["id"])]
         assert len(times) == len(set(times))
-        missed_window = [t for t in _seconds(last[policy], cutoff) if t > last[policy]]
-        assert len(missed_window) >= 2, missed_window
-        missed_fired = [t for t in times if last[policy] < t < cutoff]
+        later = [t for t in _seconds(last[policy], after) if t > last[policy]]
+        missed = [t for t in later if t < before - grace]
+        unsure = [t for t in later if before - grace <= t < after - grace]
+        assert len(missed) >= 2, (missed, before)
+        missed_fired = [t for t in times if t in missed]
         if policy == "skip":
             assert missed_fired == []
         elif policy == "run-once":
-            assert missed_fired == [missed_window[-1]]
+            # The latest missed tick: the last surely missed one, or one in between.
+            allowed = ([], [missed[-1]]) if unsure else ([missed[-1]],)
+            assert missed_fired in allowed, (missed_fired, missed, unsure)
         else:
-            assert missed_fired == missed_window
-        after = [t for t in times if t >= cutoff]
-        assert after and after == _seconds(cutoff - timedelta(seconds=1), after[-1])[-len(after) :]
+            assert missed_fired == missed
+        on_time = [t for t in times if t >= after - grace]
+        assert on_time, times
+        # From the first on-time tick to the last, every second once.
+        assert on_time == _seconds(on_time[0] - timedelta(seconds=1), on_time[-1])
+        if policy == "run-all":
+            assert [t for t in times if t > last[policy]] == _seconds(last[policy], times[-1])
 
 
 async def test_scheduler_processes_fire_each_second_once(api, pool, settings, project, service):
@@ -241,7 +255,9 @@ async def test_scheduler_processes_fire_each_second_once(api, pool, settings, pr
 
 
 async def test_a_broken_trigger_is_marked_and_spoils_no_other(api, pool, redis, project, service):
-    every = {"cron": "* * * * * *"}
+    # `skip`: one tick fires however late the round claims them (a missed tick would fire too
+    # under run-once, should the round start more than a second after the UPDATE below).
+    every = {"cron": "* * * * * *", "misfire": "skip"}
     good = await create(api, trigger_body(project, service, "good", every))
     broken = await create(api, trigger_body(project, service, "broken", every))
     # As if the service moved to a revision without the function.
@@ -251,12 +267,178 @@ async def test_a_broken_trigger_is_marked_and_spoils_no_other(api, pool, redis, 
            WHERE id = $1""",
         broken["id"],
     )
-    await pool.execute(
-        "UPDATE triggers SET next_fire_at = date_trunc('second', now()) WHERE id = $1", good["id"]
+    due = await pool.fetchval(
+        """UPDATE triggers SET next_fire_at = date_trunc('second', now()) WHERE id = $1
+           RETURNING next_fire_at""",
+        good["id"],
     )
+    claimed_after = datetime.now(UTC)
     assert await CronLoop(pool, redis, "solo", 100).run_once() == 2
-    assert len(await fired(pool, good["id"])) == 1
+    # The tick set due fired (on a slow machine, with the seconds since: each once).
+    good_times = [r["trigger_fire_time"] for r in await fired(pool, good["id"])]
+    assert good_times and good_times[0] >= due, (due, good_times)
+    assert good_times == _seconds(good_times[0] - timedelta(seconds=1), good_times[-1])
     assert await fired(pool, broken["id"]) == []
     status, body = await api.get(f"/api/v1/triggers/{broken['id']}")
     assert body["status"] == "error" and "gone" in body["last_error"]
-    assert datetime.fromisoformat(body["next_fire_at"]) > datetime.now(UTC)
+    assert datetime.fromisoformat(body["next_fire_at"]) > claimed_after
+
+
+async def test_a_paused_trigger_resumes_from_now_without_catching_up(
+    api, pool, redis, project, service
+):
+    trigger = await create(
+        api, trigger_body(project, service, "paused", {"cron": "* * * * * *", "misfire": "run-all"})
+    )
+    await run_schedulers(pool, redis, 1.5)
+    assert (await api.post(f"/api/v1/triggers/{trigger['id']}/pause"))[0] == 200
+    paused_at = await pool.fetchval("SELECT clock_timestamp()")
+    before = [r["trigger_fire_time"] for r in await fired(pool, trigger["id"])]
+    await run_schedulers(pool, redis, 2.5)  # running, but the trigger is paused
+    assert [r["trigger_fire_time"] for r in await fired(pool, trigger["id"])] == before
+    resumed_from = await pool.fetchval("SELECT clock_timestamp()")
+    assert (await api.post(f"/api/v1/triggers/{trigger['id']}/resume"))[0] == 200
+    await run_schedulers(pool, redis, 2.0)
+
+    times = [r["trigger_fire_time"] for r in await fired(pool, trigger["id"])]
+    assert before and times[: len(before)] == before
+    after = times[len(before) :]
+    # Even with misfire run-all, the seconds it was paused never fire: it goes on from
+    # the resume, every second once.
+    assert after, times
+    assert not [t for t in times if paused_at < t <= resumed_from], (paused_at, resumed_from)
+    assert after[0] > resumed_from
+    assert after == _seconds(after[0] - timedelta(seconds=1), after[-1])
+
+
+def test_late_ticks_fire_and_only_missed_ones_follow_the_policy():
+    first = datetime(2026, 1, 1, 10, 0, 0, tzinfo=UTC)
+    now = first + timedelta(seconds=10, milliseconds=300)
+    every_second = "* * * * * *"
+    # A scheduler running since 10:00:06 claims the trigger late: 10:00:05 on are late only.
+    since = first + timedelta(seconds=5)
+    ticks = {
+        policy: ticks_to_fire(CronSpec(cron=every_second, misfire=policy), first, now, 100, since)
+        for policy in ("skip", "run-once", "run-all")
+    }
+    late = [first + timedelta(seconds=s) for s in range(5, 11)]
+    assert ticks["skip"] == late
+    assert ticks["run-once"] == [first + timedelta(seconds=4), *late]
+    assert ticks["run-all"] == [first + timedelta(seconds=s) for s in range(11)]
+
+
+async def test_a_busy_scheduler_fires_late_ticks_late_and_drops_none(
+    api, pool, redis, project, service
+):
+    """`skip`, the strictest policy: ticks a running scheduler could not claim in time (here
+    another transaction holds the trigger for 3.5 s) still fire, each once, late."""
+    trigger = await create(
+        api, trigger_body(project, service, "held", {"cron": "* * * * * *", "misfire": "skip"})
+    )
+    stop = asyncio.Event()
+    loop = CronLoop(pool, redis, "busy", 100)
+    task = asyncio.create_task(loop.run(stop))
+    try:
+        for _ in range(100):
+            if await fired(pool, trigger["id"]):
+                break
+            await asyncio.sleep(0.1)
+        async with pool.acquire() as conn, conn.transaction():
+            await conn.execute("SELECT 1 FROM triggers WHERE id = $1 FOR UPDATE", trigger["id"])
+            held_from = await conn.fetchval("SELECT clock_timestamp()")
+            await asyncio.sleep(3.5)
+            held_to = await conn.fetchval("SELECT clock_timestamp()")
+        await asyncio.sleep(1.5)
+    finally:
+        stop.set()
+        await task
+    rows = await fired(pool, trigger["id"])
+    times = [r["trigger_fire_time"] for r in rows]
+    assert times == _seconds(times[0] - timedelta(seconds=1), times[-1])  # no gap, no repeat
+    late = [r for r in rows if held_from < r["trigger_fire_time"] < held_to - timedelta(seconds=1)]
+    assert len(late) >= 2
+    assert all(r["created_at"] >= held_to for r in late)  # fired after the hold: late, not lost
+    status, body = await api.get(f"/api/v1/triggers/{trigger['id']}")
+    assert body["status"] == "ok"
+
+
+_MANY = """
+    INSERT INTO triggers (id, project_id, name, type, active, input, operation, service_id,
+                          spec, next_fire_at, status)
+    SELECT 'many' || lpad(i::text, 5, '0'), $1, 'many-' || i, 'cron', true,
+           jsonb_build_object('text', 'many-' || i),
+           jsonb_build_object('type', 'function', 'service', $2::text, 'function', 'echo'), $2,
+           jsonb_build_object(
+               'cron', CASE WHEN i < 100 THEN '* * * * * *'
+                            ELSE (i % 5)::text || '/5 * * * * *' END,
+               'timezone', 'UTC', 'start_at', NULL, 'end_at', NULL, 'misfire', 'skip'),
+           to_timestamp($3::float8), 'ok'
+    FROM generate_series(0, $4 - 1) AS i
+"""
+
+
+async def test_two_scheduler_processes_fire_a_thousand_triggers_exactly_once(
+    pool, settings, project, service
+):
+    """1,000 triggers (100 every second, 900 every 5 s) for 10 s, two `ferry scheduler`
+    processes: every tick of the window exactly once, counted from the database. `skip`, so
+    a tick a loaded machine fires late still has to fire."""
+    import math
+    import os
+    import signal
+    import sys
+
+    env = {
+        **os.environ,
+        "FERRY_DATABASE_URL": settings.database_url,
+        "FERRY_REDIS_URL": settings.redis_url,
+        "FERRY_DATA_DIR": str(settings.data_dir),
+        "FERRY_SECRET_KEY": settings.secret_key,
+        "FERRY_METRICS_PORT_SCHEDULER": "0",
+    }
+    procs = [
+        await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "ferry", "scheduler", env=env,
+            stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
+        )
+        for _ in range(2)
+    ]  # fmt: skip
+    try:
+        await asyncio.sleep(3.0)  # both up before the first tick: nothing is missed
+        base = math.ceil(time.time()) + 2
+        await pool.execute(_MANY, project["id"], service["id"], base, 1000)
+        window = 10
+        expected = 100 * window + 900 * window // 5
+        count = """SELECT count(*) FROM executions WHERE trigger_id LIKE 'many%'
+                   AND trigger_fire_time >= to_timestamp($1::float8)
+                   AND trigger_fire_time < to_timestamp($2::float8)"""
+        await asyncio.sleep(max(0.0, base + window - time.time()))
+        for _ in range(600):  # late ticks of the window, on a loaded machine
+            if await pool.fetchval(count, base, base + window) >= expected:
+                break
+            await asyncio.sleep(0.1)
+    finally:
+        for proc in procs:
+            proc.send_signal(signal.SIGTERM)
+        codes = [await asyncio.wait_for(proc.wait(), 30) for proc in procs]
+    assert codes == [0, 0]
+    assert await pool.fetchval(count, base, base + window) == expected
+    per_tick = await pool.fetch(
+        """SELECT trigger_id, trigger_fire_time, count(*) AS n FROM executions
+           WHERE trigger_id LIKE 'many%' GROUP BY 1, 2 HAVING count(*) > 1"""
+    )
+    assert per_tick == []
+    distinct = await pool.fetchval(
+        """SELECT count(DISTINCT (trigger_id, trigger_fire_time)) FROM executions
+           WHERE trigger_id LIKE 'many%' AND trigger_fire_time >= to_timestamp($1::float8)
+             AND trigger_fire_time < to_timestamp($2::float8)""",
+        base,
+        base + window,
+    )
+    assert distinct == expected
+    lags = await pool.fetch(
+        """SELECT extract(epoch FROM created_at - trigger_fire_time)::float8 AS lag
+           FROM executions WHERE trigger_id LIKE 'many%' ORDER BY 1"""
+    )
+    p99 = lags[int(len(lags) * 0.99)]["lag"]
+    print(f"two schedulers, 1,000 triggers: {len(lags)} fires, p99 lag {p99 * 1000:.0f} ms")

@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +22,7 @@ import pytest
 import yaml
 
 from tests.conftest import make_zip
-from tests.engine_helpers import running_worker, wait_for_status
+from tests.engine_helpers import running_worker, wait_for_status, wait_parked
 from worker.host import WorkerHost
 
 FIXTURES = Path(__file__).parent / "engine_fixtures"
@@ -141,6 +143,8 @@ MAIN_FUNCTIONS = [
     fn("allocate", ("mb", "integer")),
     fn("fork_bomb", ("seconds", "number")),
     fn("network"),
+    fn("chatter", ("lines", "integer"), ("width", "integer")),
+    fn("whoami"),
 ]
 
 
@@ -265,12 +269,11 @@ async def test_execute_output_progress_logs_context(api, project, settings, pool
 
     assert done["status"] == "success", done
     assert done["reason"] is None and done["error"] is None
-    assert done["output"] == {
-        "text": "HELLO",
-        "execution_id": created["id"],
-        "attempt": 1,
-        "pid": done["output"]["pid"],
-    }
+    pid = done["output"].pop("pid")
+    assert done["output"] == {"text": "HELLO", "execution_id": created["id"], "attempt": 1}
+    # A child forked for the execution: neither this process nor (in a container) the agent,
+    # which is the container's pid 1.
+    assert isinstance(pid, int) and pid > 1 and pid != os.getpid(), pid
     assert done["attempt"] == 1
     assert done["progress"]["percent"] == 100
     assert [e["status"] for e in done["status_log"]] == ["created", "in-progress", "success"]
@@ -321,6 +324,38 @@ async def test_class_loaded_once_across_executions(api, project, settings, pool,
     assert not loaded_in & {o["ran_in"] for o in outputs}
 
 
+async def test_a_service_that_reuses_processes(api, project, settings, pool, redis, runtime):
+    manifest = manifest_of(
+        [fn("compute", ("x", "integer"))],
+        entry_point="model.py",
+        class_name="Model",
+        init_inputs=[{"name": "factor", "type": "integer"}],
+    )
+    _, service = await deploy(
+        api,
+        project["id"],
+        fixture_code("model.py"),
+        manifest,
+        runtime={"memory_mb": 128, "concurrency": 1, "max_replicas": 1},
+        init_inputs={"factor": 3},
+    )
+    status, patched = await api.patch(
+        f"/api/v1/services/{service['id']}", {"runtime": {"executions_per_process": 4}}
+    )
+    assert status == 200, patched
+    assert (patched["runtime"]["executions_per_process"], patched["generation"]) == (4, 2)
+    async with engine(settings, pool, redis, runtime):
+        done = [await run(api, service["id"], "compute", {"x": x}) for x in range(10)]
+
+    assert [d["status"] for d in done] == ["success"] * 10, [d["error"] for d in done]
+    outputs = [d["output"] for d in done]
+    assert [o["value"] for o in outputs] == [3 * x for x in range(10)]
+    # One process ran four executions in a row, carrying what they changed, then another.
+    assert [o["calls"] for o in outputs] == [1, 2, 3, 4, 1, 2, 3, 4, 1, 2]
+    ran_in = [o["ran_in"] for o in outputs]
+    assert len(set(ran_in[:4])) == len(set(ran_in[4:8])) == 1 and ran_in[0] != ran_in[4]
+
+
 # -- 3. failures, limits and secrets --------------------------------------------------------
 
 
@@ -347,8 +382,9 @@ async def test_exception_and_timeout(api, project, settings, pool, redis, runtim
     assert (timed_out["status"], timed_out["reason"]) == ("failed", "timeout"), timed_out
     assert timed_out["timeout_s"] == 2
     assert timed_out["error"]["type"] == "Timeout"
-    assert 2000 <= timed_out["duration_ms"] < 4000
-    assert elapsed < 4.0
+    # Not before its 2 s, and killed then, long before the 30 s it asked for (the margin
+    # is for a loaded machine recording it late).
+    assert 2000 <= timed_out["duration_ms"] < 15_000
     assert timed_out["attempt"] == 1  # a timeout is the function's fault: not retried
 
 
@@ -408,8 +444,10 @@ async def test_docker_memory_pids_and_network_limits(api, project, settings, poo
     assert net["output"]["interfaces"] == ["lo"]
     assert net["output"]["error"] and "OSError" in net["output"]["error"]
 
-    assert bomb["status"] == "failed", bomb
-    assert bomb_s < 5 + 2.5
+    # Its copies never fork past the pids limit; the 5 s timeout kills its process group,
+    # long before the 30 s the copies would run.
+    assert (bomb["status"], bomb["reason"]) == ("failed", "timeout"), bomb
+    assert 5000 <= bomb["duration_ms"] < 20_000, bomb_s
     assert after_bomb["status"] == "success", after_bomb
     assert len(replicas) == 1 and after_bomb["attempt"] == 1
 
@@ -429,7 +467,7 @@ async def test_docker_fork_bomb_in_a_small_container_times_out(api, project, set
         after = await run(api, service["id"], "nap", {"seconds": 0}, wait_s=30)
 
     assert (bomb["status"], bomb["reason"]) == ("failed", "timeout"), bomb
-    assert bomb_s < 5 + 4
+    assert 5000 <= bomb["duration_ms"] < 20_000, bomb_s
     assert after["status"] == "success", after
 
 
@@ -454,10 +492,12 @@ async def test_terminate_while_running(api, project, settings, pool, redis, runt
         after = await run(api, service["id"], "nap", {"seconds": 0})
 
     assert done["status"] == "terminated", done
-    assert latency < 2.0
+    # Acted on at once (SIGTERM, SIGKILL after a second): far from the 60 s it would nap,
+    # with a margin for a loaded machine.
+    assert latency < 10
     assert [e["status"] for e in done["status_log"]] == ["created", "in-progress", "terminated"]
     assert done["attempt"] == 1 and done["output"] is None
-    assert done["duration_ms"] < 5000
+    assert done["duration_ms"] < 15_000
     assert again == 409  # nothing left to terminate
     assert after["status"] == "success"  # the replica lives on
 
@@ -496,7 +536,7 @@ async def test_scale_from_zero_and_back(api, project, settings, pool, redis, run
         await poll(scaled_to_zero, 2 + 10, "the idle replica to stop", interval_s=0.2)
         idle_s = time.monotonic() - idle_from
         stopped = await pool.fetchrow(
-            "SELECT status, message FROM replicas WHERE id = $1", replicas[0]["id"]
+            "SELECT status, message, stopped_at FROM replicas WHERE id = $1", replicas[0]["id"]
         )
 
         again_began = time.monotonic()
@@ -512,8 +552,11 @@ async def test_scale_from_zero_and_back(api, project, settings, pool, redis, run
     )
     assert first["status"] == warm["status"] == second["status"] == "success"
     assert cold_ms is not None and cold_ms > 0
-    assert 1.5 < idle_s < 12
     assert (stopped["status"], stopped["message"]) == ("stopped", "scaled down")
+    # PostgreSQL's times: the replica stayed its idle timeout (2 s) after the last
+    # execution, and went within a few placement rounds after that.
+    idle_for = (stopped["stopped_at"] - datetime.fromisoformat(warm["finished_at"])).total_seconds()
+    assert 2 <= idle_for < 2 + 10, idle_for
     assert len(replicas_now) == 1 and replicas_now[0]["id"] != replicas[0]["id"]
 
 
@@ -611,14 +654,16 @@ async def test_rollout_with_executions_in_flight(api, project, settings, pool, r
         assert (patched["package_revision"], patched["generation"]) == (2, 2)
 
         done = await asyncio.gather(*(wait_for_status(api, i, 60) for i in ids))
-        after = await run(api, service["id"], "step", {"i": 99})
 
         async def only_generation_2() -> list[dict] | None:
             replicas = await replicas_of(api, service["id"])
             generations = {r["generation"] for r in replicas}
             return replicas if generations == {2} else None
 
+        # Rolled out (what `ferry deploy` waits for): from then on only the new code runs.
+        # An execution posted while the old replica still drains may run on either.
         replicas = await poll(only_generation_2, 30, "the old replica to drain", interval_s=0.1)
+        after = await run(api, service["id"], "step", {"i": 99})
 
     assert [d["status"] for d in done] == ["success"] * 30, [d["error"] for d in done]
     assert [d["output"]["i"] for d in done] == list(range(30))
@@ -650,16 +695,144 @@ async def test_terminating_a_queued_execution_wakes_its_waiters(api, project):
     # No worker: the execution stays `created` until it is terminated.
     service = await deploy_main(api, project["id"])
     created = await start(api, service["id"], "nap", {"seconds": 0})
-    waiter = asyncio.create_task(wait_for_status(api, created["id"], 3))
-    await asyncio.sleep(0.3)  # the waiter is parked on the execution
+    # A long wait: only the wake-up can answer it before the test's own bound.
+    waiter = asyncio.create_task(wait_for_status(api, created["id"], 120))
+    await wait_parked(api, created["id"])
     assert not waiter.done()
 
     asked = time.monotonic()
     status, body = await api.post(f"/api/v1/executions/{created['id']}/terminate")
     assert status == 202 and body["status"] == "terminated", body
-    done = await waiter
+    done = await asyncio.wait_for(waiter, 30)
     woke_s = time.monotonic() - asked
+    print(f"\nterminate woke its waiter after {woke_s * 1000:.0f} ms")
 
     assert done["status"] == "terminated"
     assert [e["status"] for e in done["status_log"]] == ["created", "terminated"]
-    assert woke_s < 1.0, f"the waiter answered {woke_s:.1f} s after the termination"
+
+
+# -- 7. logs truncated at their limits --------------------------------------------------------
+
+
+async def stored_logs(pool, execution_id: str) -> list[tuple[int, str, str]]:
+    rows = await pool.fetch(
+        "SELECT seq, stream, text FROM execution_logs WHERE execution_id = $1 ORDER BY seq",
+        execution_id,
+    )
+    return [(r["seq"], r["stream"], r["text"]) for r in rows]
+
+
+async def test_logs_are_truncated_at_the_line_and_byte_limits(api, project, settings, pool, redis):
+    service = await deploy_main(api, project["id"], runtime={"max_replicas": 1})
+    async with engine(settings, pool, redis, "process", log_max_lines=5):
+        by_lines = await run(api, service["id"], "chatter", {"lines": 50, "width": 20})
+    async with engine(settings, pool, redis, "process", log_max_bytes=100):
+        by_bytes = await run(api, service["id"], "chatter", {"lines": 50, "width": 30})
+
+    assert by_lines["status"] == by_bytes["status"] == "success"
+    marker = (
+        "[log truncated: the limit of {lines} lines / {bytes} bytes per execution was "
+        "reached; later lines are dropped]"
+    )
+    # Four lines, then the marker as the fifth: nothing past it was stored.
+    lines = await stored_logs(pool, by_lines["id"])
+    assert lines == [
+        *((n + 1, "stdout", f"line {n:04d} " + "x" * 10) for n in range(4)),
+        (5, "system", marker.format(lines=5, bytes=settings.log_max_bytes)),
+    ]
+    assert await logs_of(api, by_lines["id"]) == [(s, t) for _, s, t in lines]
+    # 30-byte lines: three fit in 100 bytes, the fourth would not.
+    lines = await stored_logs(pool, by_bytes["id"])
+    assert lines == [
+        *((n + 1, "stdout", f"line {n:04d} " + "x" * 20) for n in range(3)),
+        (4, "system", marker.format(lines=settings.log_max_lines, bytes=100)),
+    ]
+    live = await redis.xrange(f"ferry:logs:{by_lines['id']}")
+    assert len(live) == 5  # the live stream stops at the marker too
+
+
+# -- 8. terminate through the heartbeat when the pub/sub message is lost ----------------------
+
+
+async def test_terminate_reaches_the_worker_through_its_heartbeat(
+    api, project, settings, pool, redis, runtime
+):
+    from core import states
+
+    service = await deploy_main(api, project["id"], runtime={"memory_mb": 128, "max_replicas": 1})
+    async with engine(settings, pool, redis, runtime, heartbeat_s=0.5):
+        created = await start(api, service["id"], "nap", {"seconds": 60})
+        await wait_in_progress(api, created["id"])
+        # What the API does, minus the pub/sub message: only the flag in PostgreSQL.
+        assert await states.request_termination(pool, created["id"]) is not None
+        done = await wait_for_status(api, created["id"], 60)
+        after = await run(api, service["id"], "nap", {"seconds": 0})
+
+    assert done["status"] == "terminated", done
+    assert [e["status"] for e in done["status_log"]] == ["created", "in-progress", "terminated"]
+    assert done["attempt"] == 1 and done["output"] is None
+    assert done["duration_ms"] < 30_000  # ended by the flag, not by the 60 s nap
+    assert after["status"] == "success" and after["attempt"] == 1
+
+
+# -- 9. Redis flushed while executions run -----------------------------------------------------
+
+
+async def test_flushall_while_executions_run(api, project, settings, pool, redis, runtime):
+    from tests.engine_helpers import running_reconciler
+
+    service = await deploy_main(
+        api, project["id"], runtime={"memory_mb": 128, "max_replicas": 1, "concurrency": 2}
+    )
+    async with engine(settings, pool, redis, runtime), running_reconciler(pool, redis):
+        await run(api, service["id"], "nap", {"seconds": 0})  # warm
+        running = [await start(api, service["id"], "nap", {"seconds": 2}) for _ in range(2)]
+        for execution in running:
+            await wait_in_progress(api, execution["id"])
+        queued = [await start(api, service["id"], "nap", {"seconds": 0.1}) for _ in range(3)]
+        await redis.flushall()  # queues, arq's own keys, log streams: all gone
+        done = await asyncio.gather(*(wait_for_status(api, e["id"], 90) for e in running + queued))
+        after = await run(api, service["id"], "nap", {"seconds": 0})
+
+    assert [d["status"] for d in done] == ["success"] * 5, [d["error"] for d in done]
+    # The running ones finished where they ran; the queued ones were queued again.
+    assert {d["attempt"] for d in done} == {1}
+    assert after["status"] == "success"
+
+
+# -- 10. a cron tick's time reaches the function ----------------------------------------------
+
+
+async def test_trigger_fire_time_reaches_the_context(api, project, settings, pool, redis):
+    from scheduler.cron import CronLoop
+
+    service = await deploy_main(api, project["id"], runtime={"max_replicas": 1})
+    status, trigger = await api.post(
+        "/api/v1/triggers",
+        {
+            "project": project["id"],
+            "name": "tick",
+            "type": "cron",
+            "input": {},
+            "operation": {"type": "function", "service": service["id"], "function": "whoami"},
+            "spec": {"cron": "* * * * * *"},
+        },
+    )
+    assert status == 201, trigger
+    await pool.execute(
+        "UPDATE triggers SET next_fire_at = date_trunc('second', now()) WHERE id = $1",
+        trigger["id"],
+    )
+    assert await CronLoop(pool, redis, "solo", 100).run_once() == 1
+    row = await pool.fetchrow(
+        "SELECT id, trigger_fire_time FROM executions WHERE trigger_id = $1", trigger["id"]
+    )  # one tick: no scheduler runs on after this round
+    async with engine(settings, pool, redis, "process"):
+        done = await wait_for_status(api, row["id"], 60)
+
+    assert done["status"] == "success", done
+    assert done["output"] == {
+        "execution_id": row["id"],
+        "trigger_id": trigger["id"],
+        "trigger_fire_time": row["trigger_fire_time"].isoformat(),
+    }

@@ -38,7 +38,7 @@ def value(found: dict[str, list[Any]], name: str, **labels: str) -> float:
 
 
 async def scrape(client) -> dict[str, list[Any]]:
-    response = await client.get("/metrics")  # no token: public by API.md
+    response = await client.get("/metrics")  # no token needed from loopback
     assert response.status == 200
     assert response.content_type == "text/plain"
     return samples(await response.text())

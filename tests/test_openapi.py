@@ -14,6 +14,7 @@ from referencing import Registry, Resource
 from referencing.jsonschema import DRAFT202012
 
 from core.executions import ExecutionCreate
+from service.console import ROUTE_PREFIX as CONSOLE_PREFIX
 from tests.conftest import echo_archive
 
 DOC_URI = "urn:ferry:openapi"
@@ -48,6 +49,7 @@ def _registered(client) -> set[tuple[str, str]]:
         if route.method != "HEAD"
         and route.resource is not None
         and not isinstance(route.resource, web.StaticResource)
+        and not (route.resource.name or "").startswith(CONSOLE_PREFIX)  # pages, not the API
     }
 
 
@@ -141,6 +143,21 @@ async def test_operations_document_auth_as_the_server_enforces_it(client, docume
         else:
             assert path in PUBLIC, f"{method} {path} is documented as needing no token"
             assert response.status != 401, (method, path)
+
+
+async def test_every_operation_documents_what_the_shared_plumbing_answers(document):
+    for (method, path), operation in _operations(document).items():
+        if (method, path) in DOCS_ENDPOINTS:
+            continue
+        documented = set(operation["responses"])
+        if operation.get("security") != []:
+            assert {"401", "503"} <= documented, (method, path)
+        if "{" in path:
+            assert "404" in documented, (method, path)
+        if any(p["in"] == "query" for p in operation["parameters"]):
+            assert "422" in documented, (method, path)
+        if "requestBody" in operation:
+            assert {"400", "413", "415", "422"} <= documented, (method, path)
 
 
 async def test_create_execution_documents_its_statuses_and_body(document):
@@ -242,6 +259,26 @@ async def test_responses_match_the_document(api, document):
     await call("GET", "/api/v1/executions/{id}/logs", 200, ids=ids)
     await call("POST", "/api/v1/executions/{id}/terminate", 202, ids=ids)
     await call("GET", "/api/v1/executions/{id}", 404, ids={"id": "missing"})
+
+    node = {"id": "say", "type": "function", "service": "echo", "function": "echo"}
+    pipeline = await call(
+        "POST",
+        "/api/v1/pipelines",
+        201,
+        {"project": project["id"], "name": "say", "nodes": [{**node, "input": {"text": "hi"}}]},
+    )
+    ids = {"id": pipeline["id"]}
+    await call("GET", "/api/v1/pipelines", 200, params={"project": project["id"]})
+    await call("GET", "/api/v1/pipelines/{id}", 200, ids=ids)
+    await call("PATCH", "/api/v1/pipelines/{id}", 200, {"nodes": [node]}, ids=ids)
+    await call("GET", "/api/v1/pipelines/{id}/versions/{version}", 200, ids={**ids, "version": 1})
+    await call("POST", "/api/v1/pipelines/{id}/install", 200, ids=ids)
+    await call("POST", "/api/v1/pipelines/{id}/uninstall", 200, ids=ids)
+    await call(
+        "PATCH", "/api/v1/pipelines/{id}", 422, {"nodes": [{**node, "function": "x"}]}, ids=ids
+    )
+    await call("DELETE", "/api/v1/services/{id}", 409, ids={"id": service["id"]})
+    await call("DELETE", "/api/v1/pipelines/{id}", 204, ids=ids)
 
     # Errors share one documented shape.
     await call("GET", "/api/v1/projects", 401, headers={"Authorization": "Bearer nope"})

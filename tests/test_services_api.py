@@ -46,9 +46,18 @@ async def test_patch_bumps_generation_only_for_rolling_changes(api, service, pac
     assert status == 200 and body["generation"] == 2
     assert body["runtime"]["concurrency"] == 8 and body["runtime"]["memory_mb"] == 512
     status, body = await api.patch(
-        f"/api/v1/services/{sid}", {"secrets": {"API_KEY": None, "B": "x"}}
+        f"/api/v1/services/{sid}", {"secrets": {"API_KEY": None, "B": "x-value"}}
     )
     assert body["secrets"] == ["B"] and body["generation"] == 3
+    # Scaling, and values a replica already runs with, leave the replicas alone.
+    for patch in (
+        {"runtime": {"max_replicas": 5, "min_replicas": 1, "idle_timeout_s": 60}},
+        {"runtime": {"target_queue_per_replica": 3, "concurrency": 8}},
+        {"secrets": {"B": "x-value"}, "execution_timeout_s": 60, "on_reset": "failed"},
+    ):
+        status, body = await api.patch(f"/api/v1/services/{sid}", patch)
+        assert status == 200 and body["generation"] == 3, (patch, body)
+    assert body["runtime"]["max_replicas"] == 5 and body["on_reset"] == "failed"
     status, body = await api.patch(f"/api/v1/services/{sid}", {"runtime": {"min_replicas": 9}})
     assert status == 422 and body["error"]["details"][0]["field"].startswith("runtime")
     status, body = await api.patch(f"/api/v1/services/{sid}", {"package_revision": 7})
@@ -65,7 +74,13 @@ async def test_pause_resume_and_status(api, service):
     assert body["status"] == "active"
     status, body = await api.get(f"/api/v1/services/{sid}/status")
     assert status == 200
-    assert body == {"queue_length": 0, "in_progress": 0, "desired_replicas": 0, "replicas": []}
+    assert body == {
+        "queue_length": 0,
+        "in_progress": 0,
+        "desired_replicas": 0,
+        "replicas": [],
+        "last_failure": None,
+    }
 
 
 async def test_roles_and_isolation(api, pool, project, service):

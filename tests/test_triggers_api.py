@@ -87,7 +87,8 @@ async def test_validation_names_the_field(api, project, service):
             {"operation": {"type": "function", "service": service["id"], "function": "nope"}},
             "operation.function",
         ),
-        ({"operation": {"type": "pipeline", "pipeline": "p"}}, "operation"),
+        ({"operation": {"type": "pipeline", "pipeline": "p"}}, "operation.pipeline"),
+        ({"operation": {"type": "workflow", "pipeline": "p"}}, "operation"),
         ({"input": {"txt": "typo"}}, "input.txt"),
         ({"input": {"text": 5}}, "input.text"),
         (

@@ -83,7 +83,7 @@ class Up:
         roles = set()
         for child in psutil.Process(self.process.pid).children():
             cmdline = child.cmdline()
-            if cmdline[1:3] == ["-m", "ferry"] and len(cmdline) == 4:
+            if cmdline[1:3] == ["-m", "ferry"] and len(cmdline) >= 4:  # api: maybe --workers
                 roles.add(cmdline[3])
         return roles
 
@@ -250,3 +250,29 @@ def test_up_stops_cleanly_and_starts_again_with_its_data(tmp_path):
         )
     finally:
         shutil.rmtree(data_dir, ignore_errors=True)
+
+
+def test_up_falls_back_to_the_process_runtime_without_a_runner_image(settings):
+    """A missing image that cannot be built here: said so, and the process runtime instead
+    of executions waiting in `created` forever (no engine at all: `auto` is process)."""
+    from io import StringIO
+
+    from rich.console import Console
+
+    from ferry.supervisor import _runner_image_unusable
+
+    text = StringIO()
+    console = Console(file=text, width=300)
+    missing = settings.model_copy(update={"runtime": "auto", "runner_image": "ferry/none:0"})
+    try:
+        import docker
+
+        docker.from_env(timeout=5).ping()
+    except Exception:
+        assert _runner_image_unusable(missing, console) is False
+        return
+    assert _runner_image_unusable(missing, console) is True
+    assert "ferry/none:0 is missing" in text.getvalue()
+    assert "process runtime" in text.getvalue()
+    forced = settings.model_copy(update={"runtime": "process", "runner_image": "ferry/none:0"})
+    assert _runner_image_unusable(forced, console) is False

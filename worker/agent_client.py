@@ -34,6 +34,9 @@ STATUS_BY_ERROR_TYPE = {
     "AgentLost": "crashed",
 }
 
+# Why the agent stopped an execution (a `stopped` frame's reason) -> outcome status.
+_STOPPED_STATUS = {"timeout": "timeout", "shutdown": "shutdown", "terminated": "terminated"}
+
 LogCallback = Callable[[str, str, float], Awaitable[None] | None]
 ProgressCallback = Callable[[float, str | None], Awaitable[None] | None]
 
@@ -56,7 +59,8 @@ class AgentInitError(AgentError):
 
 @dataclass
 class ExecutionOutcome:
-    """How an execution ended: `status` is success, failed, terminated, timeout, crashed or oom."""
+    """How an execution ended: `status` is success, failed, terminated, timeout, crashed, oom,
+    or shutdown (the agent stopped it because the replica is going away: hand it back)."""
 
     status: str
     output: Any = None
@@ -69,7 +73,7 @@ class ExecutionOutcome:
         if frame["type"] == "result":
             return cls("success", output=frame.get("output"), duration_ms=duration_ms)
         if frame["type"] == "stopped":
-            status = "timeout" if frame.get("reason") == "timeout" else "terminated"
+            status = _STOPPED_STATUS.get(frame.get("reason"), "terminated")
             return cls(status, duration_ms=duration_ms)
         error = frame.get("error") or {}
         status = STATUS_BY_ERROR_TYPE.get(error.get("type"), "failed")
@@ -114,6 +118,7 @@ class AgentConnection:
         self.running: list[str] = []
         self.ready: dict[str, Any] | None = None
         self.lost_reason: str | None = None
+        self.lost = asyncio.Event()  # set with lost_reason
         self._reader: asyncio.StreamReader | None = None
         self._writer: asyncio.StreamWriter | None = None
         self._reader_task: asyncio.Task[None] | None = None
@@ -197,12 +202,21 @@ class AgentConnection:
         finally:
             self._pending.pop(execution_id, None)
 
+    async def send_secrets(self, env: dict[str, str]) -> None:
+        """Hands the service's secrets to the agent, which puts them in each execution's
+        environment (the forked child's only); send before the first `execute`."""
+        await self._send({"type": "secrets", "env": env})
+
     async def stop(self, execution_id: str) -> None:
         """Asks the agent to kill an execution; its `execute` then returns `terminated`."""
         await self._send({"type": "stop", "id": execution_id})
 
     async def shutdown(self, timeout_s: float = 5.0) -> None:
-        """Asks the agent to kill what runs and exit, waits for it to hang up, then closes."""
+        """Asks the agent to stop what runs and exit, waits for it to hang up, then closes.
+
+        Each execution still running ends with status `shutdown` (the agent reports it
+        before leaving); one it did not report in time ends as `AgentLost`.
+        """
         await self._send({"type": "shutdown"})
         if self._reader_task is not None:
             with contextlib.suppress(TimeoutError, asyncio.CancelledError):
@@ -272,6 +286,7 @@ class AgentConnection:
     def _mark_lost(self, reason: str) -> None:
         if self.lost_reason is None:
             self.lost_reason = reason
+            self.lost.set()
         if not self._ready_event.is_set():
             message = f"the agent exited before it was ready ({self.lost_reason})"
             self._init_error = {"type": "AgentLost", "message": message, "traceback": ""}

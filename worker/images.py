@@ -216,11 +216,19 @@ _PACKAGE_LINE = re.compile(
 )
 
 
-def _debootstrap(root: Path, suite: str, mirror: str, progress: Progress) -> None:
+def _debootstrap(
+    root: Path,
+    suite: str,
+    mirror: str,
+    progress: Progress,
+    packages: Iterable[str] = RUNNER_PACKAGES,
+    cache_dir: Path | None = None,
+) -> None:
     command = [
         "debootstrap",
         "--variant=minbase",
-        f"--include={','.join(RUNNER_PACKAGES)}",
+        f"--include={','.join(packages)}",
+        *([f"--cache-dir={cache_dir}"] if cache_dir is not None else []),
         suite,
         str(root),
         mirror,
@@ -310,9 +318,14 @@ def prepare_rootfs(root: Path) -> None:
 
 
 def import_rootfs(
-    client: docker.DockerClient, root: Path, tag: str, on_progress: Progress | None = None
+    client: docker.DockerClient,
+    root: Path,
+    tag: str,
+    on_progress: Progress | None = None,
+    changes: Iterable[str] = RUNNER_CHANGES,
 ) -> str:
-    """`docker import` the tree at `root` as `tag` with the runner config; returns the image id."""
+    """`docker import` the tree at `root` as `tag` with `changes` (by default the runner
+    config); returns the image id."""
     progress = on_progress or _ignore
     repository, image_tag = parse_repository_tag(tag)
     # GNU tar keeps owners, modes, symlinks, hard links and device nodes exactly;
@@ -334,7 +347,7 @@ def import_rootfs(
     progress(f"docker import as {tag}")
     try:
         client.api.import_image_from_data(
-            chunks(), repository=repository, tag=image_tag, changes=list(RUNNER_CHANGES)
+            chunks(), repository=repository, tag=image_tag, changes=list(changes)
         )
     finally:
         tar.stdout.close()

@@ -16,7 +16,9 @@ from typing import Any
 import asyncpg
 from redis.asyncio import Redis
 
-from core import events
+from core import events, outbox
+from core.events import log_stream_key
+from core.outages import REDIS_UNAVAILABLE
 from core.secrets import mask_secrets
 
 log = logging.getLogger(__name__)
@@ -24,10 +26,6 @@ log = logging.getLogger(__name__)
 PROGRESS_EVERY_S = 0.2
 STREAM_MAXLEN = 20_000
 STREAM_TTL_S = 24 * 3600
-
-
-def log_stream_key(execution_id: str) -> str:
-    return f"ferry:logs:{execution_id}"
 
 
 class LogSink:
@@ -139,6 +137,12 @@ class LogSink:
                 lines[-1][0],
                 self.bytes,
             )
+        try:
+            await self._stream_lines(lines)
+        except REDIS_UNAVAILABLE:
+            pass  # committed above: GET …/logs has them; only live followers miss them
+
+    async def _stream_lines(self, lines: list[tuple[int, datetime, str, str]]) -> None:
         key = log_stream_key(self.execution_id)
         service_key = events.service_logs_key(self.service_id)
         async with self.redis.pipeline(transaction=False) as pipe:
@@ -156,21 +160,26 @@ class LogSink:
             await pipe.execute()
 
     async def _write_progress(self, percent: float, message: str | None) -> None:
-        await self.pool.execute(
-            """UPDATE executions SET progress_percent = $2, progress_message = $3
-               WHERE id = $1 AND status = 'in-progress'""",
-            self.execution_id,
-            percent,
-            message,
-        )
-        await events.publish(
-            self.redis,
-            "execution.progress",
-            self.project_id,
-            "execution",
-            self.execution_id,
-            {"percent": percent, "message": message},
-        )
+        async with self.pool.acquire() as conn:
+            async with conn.transaction():
+                moved = await conn.execute(
+                    """UPDATE executions SET progress_percent = $2, progress_message = $3
+                       WHERE id = $1 AND status = 'in-progress'""",
+                    self.execution_id,
+                    percent,
+                    message,
+                )
+                if moved == "UPDATE 0":
+                    return
+                event = await outbox.add(
+                    conn,
+                    "execution.progress",
+                    self.project_id,
+                    "execution",
+                    self.execution_id,
+                    {"percent": percent, "message": message},
+                )
+            await outbox.publish(conn, self.redis, [event])
 
     async def close(self) -> None:
         """Write what is pending; called before the terminal status is recorded."""

@@ -1,20 +1,17 @@
 """A worker process's metrics, in its own registry (served on `metrics_port_worker`).
 
-Replicas call one method per event (`cold_start`, `claimed`, `finished`); the replica and
-capacity gauges are read from the host when scraped.
+Replicas call one method per event (`cold_start`, `claimed`, `finished`); the replica,
+capacity and running gauges are read when scraped, through the callables the worker gives.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
-
-if TYPE_CHECKING:
-    from worker.host import WorkerHost
 
 # Functions run from milliseconds to hours.
 DURATION_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 900, 3600, 14400)
@@ -23,7 +20,15 @@ COLD_START_BUCKETS = (0.1, 0.25, 0.5, 1, 2, 3, 5, 10, 20, 30, 60, 120, 300)
 
 
 class WorkerMetrics:
-    def __init__(self, host: WorkerHost) -> None:
+    def __init__(
+        self,
+        capacity: int,
+        replica_states: Callable[[], Iterable[tuple[str, str]]],
+        running_count: Callable[[], int],
+    ) -> None:
+        """`replica_states` gives (service id, status) for each replica on this worker and
+        `running_count` the executions it runs now; both are called at scrape time, possibly
+        from the metrics server's thread."""
         self.registry = CollectorRegistry()
         self.executions_finished = Counter(
             "ferry_worker_executions_finished",
@@ -59,7 +64,7 @@ class WorkerMetrics:
             buckets=COLD_START_BUCKETS,
             registry=self.registry,
         )
-        self.registry.register(_HostCollector(host))
+        self.registry.register(_WorkerCollector(capacity, replica_states, running_count))
 
     def cold_start(self, service_id: str, seconds: float | None) -> None:
         """A replica became ready after `seconds`, or failed to start (None)."""
@@ -80,12 +85,18 @@ class WorkerMetrics:
             self.execution_duration.labels(row["service_id"]).observe(max(duration, 0.0))
 
 
-class _HostCollector(Collector):
-    """Gauges read from the host at scrape time (possibly from the server's thread: the
-    dicts are copied before they are walked)."""
+class _WorkerCollector(Collector):
+    """Gauges read at scrape time."""
 
-    def __init__(self, host: WorkerHost) -> None:
-        self.host = host
+    def __init__(
+        self,
+        capacity: int,
+        replica_states: Callable[[], Iterable[tuple[str, str]]],
+        running_count: Callable[[], int],
+    ) -> None:
+        self.capacity = capacity
+        self.replica_states = replica_states
+        self.running_count = running_count
 
     def describe(self) -> Iterator[GaugeMetricFamily]:
         yield from self._families()
@@ -93,13 +104,12 @@ class _HostCollector(Collector):
     def collect(self) -> Iterator[GaugeMetricFamily]:
         replicas, capacity, running = self._families()
         counts: dict[tuple[str, str], int] = {}
-        for replica in list(self.host.replicas.values()):
-            key = (replica.service.id, replica.status)
+        for key in self.replica_states():
             counts[key] = counts.get(key, 0) + 1
         for (service_id, status), count in sorted(counts.items()):
             replicas.add_metric([service_id, status], count)
-        capacity.add_metric([], self.host.settings.worker_capacity)
-        running.add_metric([], len(list(self.host.running)))
+        capacity.add_metric([], self.capacity)
+        running.add_metric([], self.running_count())
         yield from (replicas, capacity, running)
 
     @staticmethod

@@ -91,3 +91,17 @@ def network():
     except OSError as exc:
         error = f"{type(exc).__name__}: {exc}"
     return {"interfaces": interfaces, "error": error}
+
+
+def chatter(lines, width):
+    for n in range(lines):
+        print(f"line {n:04d} " + "x" * (width - 10))
+    return {"printed": lines}
+
+
+def whoami(context):
+    return {
+        "execution_id": context["execution_id"],
+        "trigger_id": context["trigger_id"],
+        "trigger_fire_time": context["trigger_fire_time"],
+    }

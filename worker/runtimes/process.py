@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 from collections import deque
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 from worker.runtimes.base import (
@@ -28,8 +29,9 @@ LOG_NAME = "agent.log"
 class ProcessRuntime(Runtime):
     """Runs `python -u agent.py RUN_DIR` with the worker's interpreter, cwd = the codebase.
 
-    For machines without a Docker engine (laptops, CI). No memory, cpu, pids or network
-    limit applies, and the function runs with the worker's uid and sees its files.
+    For machines without a Docker engine (laptops, CI). No replica-wide memory, cpu, pids or
+    network limit applies (each execution's process keeps its own memory bound, set by the
+    agent), and the function runs with the worker's uid and sees its files.
     """
 
     name = "process"
@@ -38,9 +40,25 @@ class ProcessRuntime(Runtime):
     def _code_dir(self, spec: ReplicaSpec) -> str:
         return str(spec.codebase_dir.resolve())
 
+    async def image_for(
+        self,
+        own_image: str | None,
+        runner_image: str,
+        requirements: list[str],
+        report_step: Callable[[str], Awaitable[None]],
+    ) -> str:
+        """No image: the agent runs on this host's Python, which must have the requirements."""
+        if requirements:
+            log.warning(
+                "the process runtime does not install requirements (%s); they must "
+                "be importable on this host",
+                ", ".join(requirements),
+            )
+        return ""
+
     async def _launch(self, spec: ReplicaSpec) -> ReplicaHandle:
         log.warning(
-            "replica %s runs in the process runtime: no memory, cpu, pids or network limit, "
+            "replica %s runs in the process runtime: no replica memory, cpu, pids or network limit, "
             "and the function runs as the worker's user with access to its files",
             spec.replica_id,
         )

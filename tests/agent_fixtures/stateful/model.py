@@ -26,4 +26,5 @@ class Runner:
             "agent": os.getppid(),
             "calls": self.calls,
             "weights": self.weights,
+            "pid": os.getpid(),
         }
