@@ -57,6 +57,7 @@ FLUSH_S = 5.0  # at shutdown, how long the last frames may take to reach the wor
 # A ready child is forked ahead for the next execution once the one that took the last
 # ready child has reported, or this long after it started, whichever comes first.
 PREFORK_AFTER_S = 0.05
+FORK_RETRY_S = 0.5  # how long an execution's fork is retried while pids are short
 HEADER = struct.Struct(">I")
 PR_SET_PDEATHSIG = 1
 
@@ -605,6 +606,21 @@ class Agent:
             os.close(fd)
         return pid, (out_r, err_r, msg_r), ctl_w
 
+    def fork_on_demand(self):
+        """Forks a child for an execution that is here already. A fork refused for want of
+        pids is retried for up to FORK_RETRY_S, reaping meanwhile: what the last execution
+        started (killed when it reported) may still be zombies counted against the
+        replica's pids limit until this process, their reaper, collects them."""
+        give_up_at = time.monotonic() + FORK_RETRY_S
+        while True:
+            self.reap()
+            try:
+                return self.fork()
+            except BlockingIOError:  # EAGAIN: the pids limit, maybe for a moment only
+                if time.monotonic() >= give_up_at:
+                    raise
+                time.sleep(0.01)
+
     def prefork(self) -> None:
         """Forks the next ready child, unless one waits (or a fork failed a moment ago)."""
         if self.idle or self.shutting_down or time.monotonic() < self.prefork_at:
@@ -647,7 +663,7 @@ class Agent:
                 child = None
         if child is None:
             try:
-                child = self.fork()
+                child = self.fork_on_demand()
             except OSError as exc:
                 text = f"could not start the execution's process: {exc}"
                 return self.reply_error(message["id"], "ForkFailed", text)
@@ -756,6 +772,10 @@ class Agent:
             if ex.ctl_w is not None:
                 os.close(ex.ctl_w)
             if ex.status is None:  # it reported and now exits: its slot is free already
+                # Whatever it started goes now, not when the child is reaped: a fork bomb's
+                # copies would hold the replica's pids limit and the next execution's fork
+                # would fail. The child itself only has `os._exit` left to run.
+                self.kill(ex, signal.SIGKILL)
                 self.departing[ex.pid] = ex
         del self.executions[ex.id]
         if ex.outcome is not None:
