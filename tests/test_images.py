@@ -198,7 +198,7 @@ def test_ensure_runner_image_does_not_rebuild(client: docker.DockerClient, runne
     progress: list[str] = []
     started = time.monotonic()
     assert ensure_runner_image(client, RUNNER_TAG, progress.append) == runner_id
-    assert time.monotonic() - started < 2
+    assert time.monotonic() - started < 20  # a build takes minutes
     assert progress == []
     assert client.images.get(RUNNER_TAG).id == runner_id
 
@@ -257,7 +257,7 @@ def test_revision_image_is_built_once_and_cached(
     again: list[str] = []
     started = time.monotonic()
     assert ensure_revision_image(client, RUNNER_TAG, ["six == 1.16.0"], again.append) == tag
-    assert time.monotonic() - started < 2
+    assert time.monotonic() - started < 20  # a build takes minutes
     assert again == []
     assert client.images.get(tag).id == image.id
 
