@@ -28,6 +28,21 @@ STREAM_MAXLEN = 20_000
 STREAM_TTL_S = 24 * 3600
 
 
+# The batch's lines and the execution's counters together (the line count is the last seq).
+_WRITE_LINES = """
+WITH written AS (
+    INSERT INTO execution_logs (execution_id, seq, at, stream, text)
+    SELECT $1, line.seq, line.at, line.stream, line.text
+      FROM unnest($2::integer[], $3::timestamptz[], $4::text[], $5::text[])
+           AS line (seq, at, stream, text)
+    ON CONFLICT DO NOTHING
+)
+UPDATE executions
+   SET log_lines = $2[array_upper($2, 1)], log_bytes = $6
+ WHERE id = $1
+"""
+
+
 class LogSink:
     def __init__(
         self,
@@ -125,18 +140,12 @@ class LogSink:
                 await self._write_progress(*progress)
 
     async def _write_lines(self, lines: list[tuple[int, datetime, str, str]]) -> None:
-        async with self.pool.acquire() as conn, conn.transaction():
-            await conn.executemany(
-                """INSERT INTO execution_logs (execution_id, seq, at, stream, text)
-                   VALUES ($1, $2, $3, $4, $5) ON CONFLICT DO NOTHING""",
-                [(self.execution_id, seq, at, stream, text) for seq, at, stream, text in lines],
-            )
-            await conn.execute(
-                "UPDATE executions SET log_lines = $2, log_bytes = $3 WHERE id = $1",
-                self.execution_id,
-                lines[-1][0],
-                self.bytes,
-            )
+        seqs, ats, streams, texts = zip(*lines, strict=True)
+        # One statement, so one round trip and its own transaction: a line reaches live
+        # followers only after this commit, and every round trip here is on that path.
+        await self.pool.execute(
+            _WRITE_LINES, self.execution_id, seqs, ats, streams, texts, self.bytes
+        )
         try:
             await self._stream_lines(lines)
         except REDIS_UNAVAILABLE:
