@@ -9,6 +9,7 @@ The store (create, read, list, update, delete) and the cron arithmetic both the 
 
 from __future__ import annotations
 
+import functools
 from datetime import UTC, datetime, timedelta
 from typing import Annotated, Any, Literal
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
@@ -149,16 +150,16 @@ _ITERATORS: dict[tuple[str, str], croniter] = {}
 _ITERATORS_MAX = 4096
 
 
-def _cron(spec: CronSpec, start: datetime) -> croniter:
-    key = (spec.cron, spec.timezone)
-    local = start.astimezone(ZoneInfo(spec.timezone))
+def _cron(cron: str, timezone: str, start: datetime) -> croniter:
+    key = (cron, timezone)
+    local = start.astimezone(ZoneInfo(timezone))
     iterator = _ITERATORS.get(key)
     if iterator is not None:
         iterator.set_current(local, force=True)
         return iterator
     # Six fields means seconds first (the Quartz/Spring habit); croniter puts them last.
-    seconds = len(spec.cron.split()) == 6
-    iterator = croniter(spec.cron, local, second_at_beginning=seconds)
+    seconds = len(cron.split()) == 6
+    iterator = croniter(cron, local, second_at_beginning=seconds)
     if len(_ITERATORS) >= _ITERATORS_MAX:
         _ITERATORS.pop(next(iter(_ITERATORS)))
     _ITERATORS[key] = iterator
@@ -169,11 +170,21 @@ def next_fire_time(spec: CronSpec, after: datetime) -> datetime | None:
     """The first tick strictly after `after` (and not before `start_at`), None past `end_at`."""
     if spec.start_at is not None and after < spec.start_at:
         after = spec.start_at - timedelta(microseconds=1)
-    # In UTC: aware datetimes sharing a zone compare by wall time, which repeats at DST's end.
-    tick = _cron(spec, after).get_next(datetime).astimezone(UTC)
+    # The step is memoised by instant: in UTC, where no wall time repeats (two datetimes of
+    # one zone compare by wall time, so 02:30 CEST and 02:30 CET would be one key).
+    tick = _next_tick(spec.cron, spec.timezone, after.astimezone(UTC))
     if spec.end_at is not None and tick > spec.end_at:
         return None
     return tick
+
+
+# Triggers that share an expression and zone are due at the same instants, so a cron round
+# asks for the same steps over and over (10,000 triggers on a few schedules: a few distinct
+# steps). A step depends on nothing else, so it is computed once.
+@functools.lru_cache(maxsize=16_384)
+def _next_tick(cron: str, timezone: str, after: datetime) -> datetime:
+    # In UTC: aware datetimes sharing a zone compare by wall time, which repeats at DST's end.
+    return _cron(cron, timezone, after).get_next(datetime).astimezone(UTC)
 
 
 def fire_times(spec: CronSpec, after: datetime, count: int) -> list[datetime]:
@@ -191,7 +202,7 @@ def ticks_between(spec: CronSpec, first: datetime, now: datetime, limit: int) ->
     long outage costs `limit` steps, not one per missed tick)."""
     if spec.end_at is not None and now > spec.end_at:
         now = spec.end_at
-    iterator = _cron(spec, now + timedelta(seconds=1))
+    iterator = _cron(spec.cron, spec.timezone, now + timedelta(seconds=1))
     ticks: list[datetime] = []
     while len(ticks) < limit:
         tick = iterator.get_prev(datetime).astimezone(UTC)
@@ -233,7 +244,7 @@ def parse_spec(type_: str, raw: dict[str, Any]) -> CronSpec | EventSpec:
     except (ZoneInfoNotFoundError, ValueError, OSError):  # OSError: a name too long for a path
         raise Invalid.field("spec.timezone", "not an IANA time zone name") from None
     try:
-        _cron(spec, utcnow()).get_next(datetime)
+        _cron(spec.cron, spec.timezone, utcnow()).get_next(datetime)
     except (ValueError, OverflowError):  # croniter's errors are ValueErrors
         raise Invalid.field("spec.cron", "never fires: no date matches it") from None
     for name in ("start_at", "end_at"):

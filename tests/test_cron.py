@@ -44,6 +44,26 @@ def test_dst_in_berlin_matches_croniter():
     ]
 
 
+def test_steps_shared_by_triggers_stay_exact_across_the_repeated_hour():
+    # Steps are memoised per (expression, zone, instant): a repeated wall time must not
+    # be taken for the other one, whichever zone the caller's datetime is in.
+    spec = CronSpec(cron="*/20 * * * *", timezone="Europe/Berlin")
+    summer = datetime(2026, 10, 25, 2, 30, tzinfo=BERLIN)  # 00:30 UTC, CEST
+    winter = datetime(2026, 10, 25, 2, 30, fold=1, tzinfo=BERLIN)  # 01:30 UTC, CET
+    for _ in range(2):  # the second time from the memo
+        assert next_fire_time(spec, summer) == datetime(2026, 10, 25, 0, 40, tzinfo=UTC)
+        assert next_fire_time(spec, winter) == datetime(2026, 10, 25, 1, 40, tzinfo=UTC)
+    # Triggers sharing the expression keep their own bounds.
+    late = CronSpec(cron="*/20 * * * *", start_at=datetime(2026, 1, 1, 12, tzinfo=UTC))
+    early = CronSpec(cron="*/20 * * * *", end_at=datetime(2026, 1, 1, 0, 30, tzinfo=UTC))
+    at = datetime(2026, 1, 1, 0, 25, tzinfo=UTC)
+    assert next_fire_time(late, at) == datetime(2026, 1, 1, 12, tzinfo=UTC)
+    assert next_fire_time(early, at) is None
+    assert next_fire_time(CronSpec(cron="*/20 * * * *"), at) == datetime(
+        2026, 1, 1, 0, 40, tzinfo=UTC
+    )
+
+
 def test_six_fields_mean_seconds_first_and_bounds_hold():
     spec = CronSpec(cron="*/15 * * * * *")
     start = datetime(2026, 1, 1, 10, 0, 1, tzinfo=UTC)
