@@ -130,6 +130,32 @@ async def forget_jobs(redis: ArqRedis, service_id: str, execution_ids: list[str]
         await pipe.execute()
 
 
+# What Redis holds for each of many executions, in one round trip and one reply (a digit
+# each): the reconciler looks at up to thousands every round.
+JOB_MISSING, JOB_QUEUED, JOB_RUNNING = "0", "1", "2"
+_JOB_STATES_SCRIPT = """
+local out = {}
+for i = 1, #ARGV do
+  if redis.call('EXISTS', '%s' .. ARGV[i]) == 1 then
+    out[i] = '%s'
+  elseif redis.call('EXISTS', '%s' .. ARGV[i]) == 1 then
+    out[i] = '%s'
+  else
+    out[i] = '%s'
+  end
+end
+return table.concat(out)
+""" % (in_progress_key_prefix, JOB_RUNNING, job_key_prefix, JOB_QUEUED, JOB_MISSING)  # noqa: UP031
+
+
+async def job_states(redis: ArqRedis, execution_ids: list[str]) -> str:
+    """One of JOB_MISSING / JOB_QUEUED / JOB_RUNNING (marked running by arq) per id, in order."""
+    if not execution_ids:
+        return ""
+    reply = await redis.eval(_JOB_STATES_SCRIPT, 0, *execution_ids)  # type: ignore[misc]
+    return reply.decode() if isinstance(reply, bytes) else str(reply)
+
+
 async def is_queued(redis: ArqRedis, execution_id: str) -> bool:
     return bool(await redis.exists(job_key_prefix + execution_id))
 

@@ -154,19 +154,15 @@ class Reconciler:
         )
         if not rows:
             return
-        async with self.redis.pipeline(transaction=False) as pipe:
-            for row in rows:
-                pipe.exists(job_key_prefix + row["id"])
-                pipe.exists(in_progress_key_prefix + row["id"])
-            found = await pipe.execute()
+        found = await queue.job_states(self.redis, [row["id"] for row in rows])
         missing: dict[str, list[asyncpg.Record]] = {}
-        for index, row in enumerate(rows):
-            if found[2 * index + 1]:
+        for row, state in zip(rows, found, strict=True):
+            if state == queue.JOB_RUNNING:
                 # Marked running in Redis, yet no worker holds its lease: the job's end was
                 # never written (Redis went away under it), and arq would skip it for days.
                 # A worker that did just pick it finds its claim taken: nothing runs twice.
                 await queue.forget_job(self.redis, row["service_id"], row["id"])
-            elif found[2 * index]:
+            elif state == queue.JOB_QUEUED:
                 continue
             missing.setdefault(row["service_id"], []).append(row)
         for service_id, missed in missing.items():

@@ -377,3 +377,16 @@ async def test_the_reconciler_tidies_jobs_left_marked_running(api, project, pool
     assert await redis.exists(job_key_prefix + handed_back)
     created_at = await pool.fetchval("SELECT created_at FROM executions WHERE id = $1", handed_back)
     assert await redis.zscore(queue_key, handed_back) == int(created_at.timestamp() * 1000)
+
+
+async def test_job_states_tell_queued_running_and_missing_apart(redis):
+    # What the reconciler reads, for thousands of executions a round, in one round trip.
+    assert await queue.enqueue_execution(redis, "svc-states", "exe-queued")
+    await redis.set(job_key_prefix + "exe-running", b"job")
+    await redis.set(in_progress_key_prefix + "exe-running", b"1")
+    await redis.set(in_progress_key_prefix + "exe-running-no-job", b"1")
+    states = await queue.job_states(
+        redis, ["exe-queued", "exe-running", "exe-missing", "exe-running-no-job"]
+    )
+    assert states == queue.JOB_QUEUED + queue.JOB_RUNNING + queue.JOB_MISSING + queue.JOB_RUNNING
+    assert await queue.job_states(redis, []) == ""
