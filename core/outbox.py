@@ -155,21 +155,26 @@ async def publish(
         await forget(conn, events)
 
 
+async def _xadd(redis: Redis, events: list[OutboxEvent]) -> None:
+    """The events onto the stream, in order, in one round trip."""
+    async with redis.pipeline(transaction=False) as pipe:
+        for event in events:
+            pipe.xadd(
+                EVENTS_STREAM,
+                event.fields(),  # type: ignore[arg-type]
+                maxlen=EVENTS_MAXLEN,
+                approximate=True,
+            )
+        await pipe.execute()
+
+
 async def append(redis: Redis | None, events: list[OutboxEvent]) -> bool:
     """The first half of `publish`: the events onto the stream, in one round trip. True
     when they are there (their rows are then for `forget`); False leaves them to the relay."""
     if not events or redis is None or _publishing.holding_off():
         return False  # nothing to do, or Redis failed a moment ago: the relay publishes them
     try:
-        async with redis.pipeline(transaction=False) as pipe:
-            for event in events:
-                pipe.xadd(
-                    EVENTS_STREAM,
-                    event.fields(),  # type: ignore[arg-type]
-                    maxlen=EVENTS_MAXLEN,
-                    approximate=True,
-                )
-            await pipe.execute()
+        await _xadd(redis, events)
     except UNAVAILABLE as exc:
         _publishing.lost(exc)  # said once per outage, not once per event
         return False
@@ -242,13 +247,5 @@ async def relay_once(pool: asyncpg.Pool, redis: Redis, *, after_s: float = RELAY
         if not rows:
             return 0
         events = sorted((OutboxEvent.from_row(r) for r in rows), key=lambda e: e.id)
-        async with redis.pipeline(transaction=False) as pipe:
-            for event in events:
-                pipe.xadd(
-                    EVENTS_STREAM,
-                    event.fields(),  # type: ignore[arg-type]
-                    maxlen=EVENTS_MAXLEN,
-                    approximate=True,
-                )
-            await pipe.execute()  # raises: the transaction rolls back and the rows stay
+        await _xadd(redis, events)  # raises: the transaction rolls back and the rows stay
     return len(events)

@@ -613,13 +613,13 @@ class Agent:
         replica's pids limit until this process, their reaper, collects them."""
         give_up_at = time.monotonic() + FORK_RETRY_S
         while True:
-            self.reap()
             try:
                 return self.fork()
             except BlockingIOError:  # EAGAIN: the pids limit, maybe for a moment only
                 if time.monotonic() >= give_up_at:
                     raise
-                time.sleep(0.01)
+            time.sleep(0.01)
+            self.reap()
 
     def prefork(self) -> None:
         """Forks the next ready child, unless one waits (or a fork failed a moment ago)."""
